@@ -1,0 +1,219 @@
+"""Tagger adapters: file columns <-> probabilities on the simplex with a named class order.
+
+Two families cover the taggers analysts use:
+
+* **ratio trio** (CMS DeepJet, UParT AK4, PNet, RobustParTAK4): the file holds
+  ``B``, ``CvL`` and ``CvB`` with ``B = b + bb + lepb``, ``CvL = c / (c + uds + g)`` and
+  ``CvB = c / (c + B)``. The simplex point in class order ``(b, c, light)`` is
+  :math:`p_b = B,\\ p_c = \\mathrm{CvL}(1 - B),\\ p_\\ell = (1 - \\mathrm{CvL})(1 - B)`
+  (``../shared/data/nanoaod/README.md``); ``CvB`` is written back but not read.
+* **probabilities** (ATLAS GN2 / DL1d ``pb, pc, pu``, or any user columns): the columns
+  are the class probabilities; a sub-composition (e.g. GN2 without ``ptau``) is re-closed.
+
+A jet is *valid* when every column is finite and inside ``[0, 1]`` (within ``tolerance``)
+and, for the probability family, the columns sum to a positive number. Invalid jets (tagger
+defaults such as -1 or -3, NaN) are flagged, never calibrated; their row in the returned
+probability array holds the uniform point ``1/D`` so that no NaN enters a kernel, and
+callers must pass the original values through unchanged (the processors count them).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ADAPTERS", "TaggerAdapter", "get_adapter"]
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Kind = Literal["trio", "probabilities"]
+
+
+@dataclass(frozen=True)
+class TaggerAdapter:
+    """Conversion between a tagger's file columns and simplex probabilities.
+
+    Arguments:
+        name: the adapter's registry name (recorded in bundles and stores).
+        kind: ``"trio"`` (B, CvL, CvB ratios) or ``"probabilities"``.
+        columns: the Jet field names, without the ``Jet_`` prefix, in the family's order
+            (trio: B, CvL, CvB; probabilities: one column per class).
+        classes: class names in simplex order, e.g. ``("b", "c", "light")``.
+        tolerance: how far outside ``[0, 1]`` a stored value may lie (float rounding).
+        options: the keyword options the adapter was built with (for provenance).
+
+    Example:
+        >>> ad = get_adapter("deepjet")
+        >>> p, ok = ad.to_simplex({"btagDeepFlavB": [0.9, -1.0],
+        ...                        "btagDeepFlavCvL": [0.5, -1.0],
+        ...                        "btagDeepFlavCvB": [0.05, -1.0]})
+        >>> p.round(3).tolist(), ok.tolist()
+        ([[0.9, 0.05, 0.05], [0.333, 0.333, 0.333]], [True, False])
+    """
+
+    name: str
+    kind: Kind
+    columns: tuple[str, ...]
+    classes: tuple[str, ...]
+    tolerance: float = 1e-6
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == "trio" and (len(self.columns) != 3 or len(self.classes) != 3):
+            msg = (
+                f"adapter {self.name!r}: the ratio-trio family needs 3 columns (B, CvL, CvB) "
+                f"and classes (b, c, light), got columns={self.columns} classes={self.classes}"
+            )
+            raise ValueError(msg)
+        if self.kind == "probabilities" and len(self.columns) != len(self.classes):
+            msg = (
+                f"adapter {self.name!r}: one column per class is needed, got "
+                f"{len(self.columns)} columns {self.columns} for classes {self.classes}"
+            )
+            raise ValueError(msg)
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            msg = f"adapter {self.name!r}: need >= 2 distinct class names, got {self.classes}"
+            raise ValueError(msg)
+
+    @property
+    def n_classes(self) -> int:
+        """The number of classes D."""
+        return len(self.classes)
+
+    def _column(self, columns: Mapping[str, Any], name: str) -> np.ndarray:
+        try:
+            values = columns[name]
+        except KeyError:
+            msg = (
+                f"tagger adapter {self.name!r} needs the jet column {name!r}, which is missing; "
+                f"available: {sorted(columns)[:40]}. Choose another adapter or give its column "
+                f"names as options"
+            )
+            raise KeyError(msg) from None
+        return np.asarray(values, dtype=np.float64)
+
+    def to_simplex(self, columns: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Convert flat column arrays to ``(probs (n, D) float64, valid (n,) bool)``.
+
+        Arguments:
+            columns: a mapping from column name to a flat array (numpy, or anything
+                ``np.asarray`` takes); extra entries are ignored.
+
+        Returns:
+            Probabilities on the simplex (uniform 1/D on invalid rows) and the validity flag.
+        """
+        raw = np.stack([self._column(columns, c) for c in self.columns], axis=-1)
+        tol = self.tolerance
+        valid = np.all(np.isfinite(raw) & (raw >= -tol) & (raw <= 1.0 + tol), axis=-1)
+        clean = np.where(valid[:, None], np.clip(raw, 0.0, 1.0), 0.5)
+        if self.kind == "trio":
+            b, cvl = clean[:, 0], clean[:, 1]
+            probs = np.stack([b, cvl * (1.0 - b), (1.0 - cvl) * (1.0 - b)], axis=-1)
+        else:
+            total = clean.sum(axis=-1, keepdims=True)
+            valid &= total[:, 0] > 0
+            probs = clean / np.where(total > 0, total, 1.0)
+        probs[~valid] = 1.0 / self.n_classes
+        return probs, valid
+
+    def from_simplex(self, probs: Any, total: Any = None) -> dict[str, np.ndarray]:
+        """Convert simplex probabilities back to the tagger's own columns.
+
+        Arguments:
+            probs: ``(n, D)`` probabilities.
+            total: for the probability family, the original sum of the columns (e.g.
+                ``1 - ptau`` for GN2) to restore a sub-composition's scale; default 1.
+
+        Returns:
+            A dict column name -> float64 array (trio: B, CvL, CvB as the file defines them).
+        """
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim != 2 or p.shape[1] != self.n_classes:
+            msg = f"adapter {self.name!r} expects probabilities of shape (n, {self.n_classes}), got {p.shape}"
+            raise ValueError(msg)
+        if self.kind == "trio":
+            pb, pc, pl = p[:, 0], p[:, 1], p[:, 2]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cvl = np.where(pc + pl > 0, pc / (pc + pl), 0.0)
+                cvb = np.where(pc + pb > 0, pc / (pc + pb), 0.0)
+            return dict(zip(self.columns, (pb, cvl, cvb), strict=True))
+        scale = 1.0 if total is None else np.asarray(total, dtype=np.float64)[:, None]
+        out = p * scale
+        return {c: out[:, i] for i, c in enumerate(self.columns)}
+
+
+def _trio(name: str, prefix: str) -> Callable[..., TaggerAdapter]:
+    def build(
+        columns: Sequence[str] | None = None, tolerance: float = 1e-6, **unknown: Any
+    ) -> TaggerAdapter:
+        _refuse_unknown(name, unknown)
+        cols = tuple(columns) if columns else (f"{prefix}B", f"{prefix}CvL", f"{prefix}CvB")
+        return TaggerAdapter(
+            name, "trio", cols, ("b", "c", "light"), tolerance,
+            {"columns": list(cols), "tolerance": tolerance},
+        )
+
+    return build
+
+
+def _probabilities(name: str, default_columns: Sequence[str] | None) -> Callable[..., TaggerAdapter]:
+    def build(
+        columns: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        kind: Kind = "probabilities",
+        tolerance: float = 1e-6,
+        **unknown: Any,
+    ) -> TaggerAdapter:
+        _refuse_unknown(name, unknown)
+        cols = tuple(columns) if columns else tuple(default_columns or ())
+        if not cols:
+            msg = (
+                f"adapter {name!r} needs columns=[...] (the Jet field names, one per class, or "
+                f"B, CvL, CvB with kind='trio')"
+            )
+            raise ValueError(msg)
+        cls = tuple(classes) if classes else ("b", "c", "light")
+        opts = {"columns": list(cols), "classes": list(cls), "kind": kind, "tolerance": tolerance}
+        return TaggerAdapter(name, kind, cols, cls, tolerance, opts)
+
+    return build
+
+
+def _refuse_unknown(name: str, unknown: Mapping[str, Any]) -> None:
+    if unknown:
+        msg = f"adapter {name!r} got unknown options {sorted(unknown)}"
+        raise TypeError(msg)
+
+
+#: registry name -> builder taking keyword options.
+ADAPTERS: dict[str, Callable[..., TaggerAdapter]] = {
+    "deepjet": _trio("deepjet", "btagDeepFlav"),
+    "upart": _trio("upart", "btagUParTAK4"),
+    "pnet": _trio("pnet", "btagPNet"),
+    "robustpart": _trio("robustpart", "btagRobustParTAK4"),
+    "gn2": _probabilities("gn2", ("GN2v01_pb", "GN2v01_pc", "GN2v01_pu")),
+    "dl1d": _probabilities("dl1d", ("DL1dv01_pb", "DL1dv01_pc", "DL1dv01_pu")),
+    "generic": _probabilities("generic", None),
+}
+
+
+def get_adapter(name: str, **options: Any) -> TaggerAdapter:
+    """Build a tagger adapter by name (see :data:`ADAPTERS`).
+
+    Arguments:
+        name: one of ``deepjet``, ``upart``, ``pnet``, ``robustpart``, ``gn2``, ``dl1d``,
+            ``generic``.
+        **options: ``columns=[...]`` overrides the column names; the probability family
+            also takes ``classes=[...]`` and ``kind`` (``generic`` with ``kind="trio"``
+            reads any B/CvL/CvB trio); all take ``tolerance``.
+
+    Returns:
+        The adapter.
+    """
+    try:
+        builder = ADAPTERS[name.lower()]
+    except KeyError:
+        msg = f"unknown tagger adapter {name!r}; known adapters: {sorted(ADAPTERS)}"
+        raise ValueError(msg) from None
+    return builder(**options)
