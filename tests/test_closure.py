@@ -96,3 +96,23 @@ def test_density_ratio_reweights_source_onto_target_and_rho_matches_gaussian_the
     # for a unit-Gaussian shift mu, rho = exp(-mu^2)
     assert effective_sample_fraction(w) == pytest.approx(np.exp(-0.09), abs=0.04)
     assert effective_sample_fraction(np.ones(10)) == 1.0
+
+
+def test_closure_and_arrow_plots_are_written(tmp_path):
+    from coffea_otcal.closure_plots import plot_discriminant_closure, plot_map_arrows
+
+    rng = np.random.default_rng(5)
+    data = rng.dirichlet([2, 1, 1], 2000)
+    before = rng.dirichlet([3, 1, 1], 2000)
+    after = rng.dirichlet([2, 1, 1], 2000)
+    out = plot_discriminant_closure(
+        tmp_path / "c.png", "D_cl", 2.0, (data, None), (before, None), (after, None),
+        {"v_up": after[::-1]}, experiment="ATLAS", region="VR",
+    )
+    assert out.stat().st_size > 10_000
+    z = {"b": geometry.ilr(before[:50])}
+    for space in ("ilr", "simplex"):
+        assert plot_map_arrows(tmp_path / f"{space}.png", z, {"b": geometry.ilr(after[:50])}, space=space).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "ilr.png", "simplex.png"]
+    with pytest.raises(ValueError, match="unknown plot label"):
+        plot_discriminant_closure(tmp_path / "x.png", "D_cl", 1.0, (data, None), (before, None), (after, None), experiment="LEP")
