@@ -1,11 +1,11 @@
-"""Tagger adapters: file columns <-> probabilities on the simplex with a named class order.
+r"""Tagger adapters: file columns <-> probabilities on the simplex with a named class order.
 
 Two families cover the taggers analysts use:
 
 * **ratio trio** (CMS DeepJet, UParT AK4, PNet, RobustParTAK4): the file holds
   ``B``, ``CvL`` and ``CvB`` with ``B = b + bb + lepb``, ``CvL = c / (c + uds + g)`` and
   ``CvB = c / (c + B)``. The simplex point in class order ``(b, c, light)`` is
-  :math:`p_b = B,\\ p_c = \\mathrm{CvL}(1 - B),\\ p_\\ell = (1 - \\mathrm{CvL})(1 - B)`
+  :math:`p_b = B,\ p_c = \mathrm{CvL}(1 - B),\ p_\ell = (1 - \mathrm{CvL})(1 - B)`
   (``../shared/data/nanoaod/README.md``); ``CvB`` is written back but not read.
 * **probabilities** (ATLAS GN2 / DL1d ``pb, pc, pu``, or any user columns): the columns
   are the class probabilities; a sub-composition (e.g. GN2 without ``ptau``) is re-closed.

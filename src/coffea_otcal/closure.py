@@ -1,9 +1,9 @@
-"""Closure metrics: discriminant histograms, chi2 tests, classifier two-sample test, displacement.
+r"""Closure metrics: discriminant histograms, chi2 tests, classifier two-sample test, displacement.
 
 The closure study of Kim & Yang (Sec. VIII.3) compares calibrated MC with (pseudo-)data on
-derived discriminants that are *not* used in training, :math:`D_{b/c}(\\kappa)`,
-:math:`D_{c/\\ell}(\\kappa)` and :math:`D_{HF/\\ell}(\\kappa)` (eq. 62), for several
-:math:`\\kappa`. This module computes those histograms (``hist``), a shape chi2 between two
+derived discriminants that are *not* used in training, :math:`D_{b/c}(\kappa)`,
+:math:`D_{c/\ell}(\kappa)` and :math:`D_{HF/\ell}(\kappa)` (eq. 62), for several
+:math:`\kappa`. This module computes those histograms (``hist``), a shape chi2 between two
 weighted histograms, a classifier two-sample test (the AUC of a small classifier trained to
 tell calibrated MC from data, evaluated on held-out jets) and the mean Aitchison displacement
 of the calibrated jets. Plots live in :mod:`coffea_otcal.closure_plots`.
@@ -70,10 +70,10 @@ def fill_discriminant(
 
 @dataclass(frozen=True)
 class Chi2Result:
-    """Shape chi2 between two weighted histograms.
+    r"""Shape chi2 between two weighted histograms.
 
     Attributes:
-        chi2: :math:`\\sum_i (a_i/A - b_i/B)^2 / (\\sigma^2_{a,i}/A^2 + \\sigma^2_{b,i}/B^2)`.
+        chi2: :math:`\sum_i (a_i/A - b_i/B)^2 / (\sigma^2_{a,i}/A^2 + \sigma^2_{b,i}/B^2)`.
         ndf: the number of bins with entries in either histogram, minus one (shapes are
             compared, the normalisations are not).
         p_value: the upper tail probability of the chi2 distribution.

@@ -85,12 +85,12 @@ def plot_discriminant_closure(
     region: str = "",
     extra: Mapping[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
 ) -> Path:
-    """Closure of one eq.-62 discriminant: data vs MC before and after calibration.
+    r"""Closure of one eq.-62 discriminant: data vs MC before and after calibration.
 
     Arguments:
         path: output PNG.
         name: ``D_bc``, ``D_cl`` or ``D_hfl``.
-        kappa: the discriminant's :math:`\\kappa`.
+        kappa: the discriminant's :math:`\kappa`.
         data: ``(probs (n, 3), weights or None)`` of (pseudo-)data.
         mc_before: MC probabilities and weights before calibration.
         mc_after: the same MC jets after the nominal calibration (same weights).

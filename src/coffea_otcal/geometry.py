@@ -1,9 +1,9 @@
-"""Compositional geometry of the probability simplex (Aitchison, ILR, CLR, discriminants).
+r"""Compositional geometry of the probability simplex (Aitchison, ILR, CLR, discriminants).
 
 The tagger outputs of a D-class flavour tagger lie on the simplex
-:math:`\\mathcal{S}^{D-1} = \\{p : p_i > 0, \\sum_i p_i = 1\\}`. Kim & Yang (2026),
+:math:`\mathcal{S}^{D-1} = \{p : p_i > 0, \sum_i p_i = 1\}`. Kim & Yang (2026),
 Sec. II.3, calibrate in isometric log-ratio (ILR) coordinates
-:math:`z = H \\log p \\in \\mathbb{R}^{D-1}` (eq. 8) with the Helmert sub-matrix :math:`H`,
+:math:`z = H \log p \in \mathbb{R}^{D-1}` (eq. 8) with the Helmert sub-matrix :math:`H`,
 where the Euclidean distance equals the Aitchison distance (eq. 6, 9), so quadratic-cost
 optimal transport in ILR space is minimum-distortion transport on the simplex.
 
@@ -14,7 +14,7 @@ kind. The class order of the 3-class trio is ``(b, c, light)``.
 Clipping: tagger scores stored with NanoAOD's reduced float precision contain exact 0 and
 1. Before any logarithm every component is floored at ``eps`` (default
 :data:`DEFAULT_EPS` = 1e-6) and the vector is re-closed (divided by its sum). This bounds
-ILR coordinates by about :math:`\\sqrt{2} \\ln(1/\\epsilon) \\approx 20` and never yields
+ILR coordinates by about :math:`\sqrt{2} \ln(1/\epsilon) \approx 20` and never yields
 inf or NaN. Negative or non-finite inputs (tagger defaults such as -1, NaN) are *not*
 clipped: they raise, because they must have been flagged by the tagger adapter first.
 """
@@ -63,11 +63,11 @@ def _helmert_cached(n_classes: int) -> np.ndarray:
 
 
 def helmert_basis(n_classes: int) -> np.ndarray:
-    """Orthonormal Helmert sub-matrix :math:`H` of shape ``(D-1, D)`` (Kim & Yang eq. 8).
+    r"""Orthonormal Helmert sub-matrix :math:`H` of shape ``(D-1, D)`` (Kim & Yang eq. 8).
 
-    Row :math:`i` (0-based) is :math:`(1, \\dots, 1, -(i+1), 0, \\dots, 0) / \\sqrt{(i+1)(i+2)}`
-    with :math:`i+1` leading ones, so :math:`H H^T = I_{D-1}` and :math:`H \\mathbf{1} = 0`.
-    For D = 3 this is eq. 8: rows :math:`(1,-1,0)/\\sqrt2` and :math:`(1,1,-2)/\\sqrt6`.
+    Row :math:`i` (0-based) is :math:`(1, \dots, 1, -(i+1), 0, \dots, 0) / \sqrt{(i+1)(i+2)}`
+    with :math:`i+1` leading ones, so :math:`H H^T = I_{D-1}` and :math:`H \mathbf{1} = 0`.
+    For D = 3 this is eq. 8: rows :math:`(1,-1,0)/\sqrt2` and :math:`(1,1,-2)/\sqrt6`.
 
     Arguments:
         n_classes: the number of classes D >= 2.
@@ -207,7 +207,7 @@ def _floor(x: Any, eps: float) -> Any:
 
 @_dispatch
 def closure(x: Any) -> Any:
-    """Rescale positive vectors to sum to one: :math:`\\mathcal{C}(x) = x / \\sum_i x_i`.
+    r"""Rescale positive vectors to sum to one: :math:`\mathcal{C}(x) = x / \sum_i x_i`.
 
     Example:
         >>> closure([2.0, 1.0, 1.0]).tolist()
@@ -233,14 +233,14 @@ def clip_simplex(p: Any, eps: float = DEFAULT_EPS) -> Any:
 
 @_dispatch
 def clr(p: Any, eps: float = DEFAULT_EPS) -> Any:
-    """Centred log-ratio :math:`\\mathrm{clr}(p)_i = \\ln p_i - \\frac1D \\sum_j \\ln p_j`."""
+    r"""Centred log-ratio :math:`\mathrm{clr}(p)_i = \ln p_i - \frac1D \sum_j \ln p_j`."""
     logp = _log(clip_simplex(p, eps))
     return logp - _sum_last(logp) / logp.shape[-1]
 
 
 @_dispatch
 def clr_inv(y: Any) -> Any:
-    """Inverse CLR: :math:`p = \\mathcal{C}(\\exp y)`, computed stably via log-sum-exp."""
+    r"""Inverse CLR: :math:`p = \mathcal{C}(\exp y)`, computed stably via log-sum-exp."""
     if _is_torch(y):
         import torch
 
@@ -250,7 +250,7 @@ def clr_inv(y: Any) -> Any:
 
 @_dispatch
 def ilr(p: Any, eps: float = DEFAULT_EPS) -> Any:
-    """Isometric log-ratio coordinates :math:`z = H \\log p` (Kim & Yang eq. 7-8).
+    r"""Isometric log-ratio coordinates :math:`z = H \log p` (Kim & Yang eq. 7-8).
 
     Arguments:
         p: probabilities, classes on the last axis (D >= 2), each in [0, 1].
@@ -271,7 +271,7 @@ def ilr(p: Any, eps: float = DEFAULT_EPS) -> Any:
 
 @_dispatch
 def ilr_inv(z: Any) -> Any:
-    """Inverse ILR: :math:`p = \\exp(H^T z) / \\mathbf{1}^T \\exp(H^T z)` (below eq. 11)."""
+    r"""Inverse ILR: :math:`p = \exp(H^T z) / \mathbf{1}^T \exp(H^T z)` (below eq. 11)."""
     basis = _as_matrix(helmert_basis(z.shape[-1] + 1), z)
     return clr_inv(z @ basis)
 
@@ -305,12 +305,12 @@ def aitchison_distance(p: Any, q: Any, eps: float = DEFAULT_EPS) -> Any:
 
 
 def reweight_shift(kappa: Sequence[float] | np.ndarray) -> np.ndarray:
-    """ILR translation equivalent to reweighting the class priors by ``kappa``.
+    r"""ILR translation equivalent to reweighting the class priors by ``kappa``.
 
-    Reweighting :math:`p'_f = \\kappa_f p_f / \\sum_j \\kappa_j p_j` is the translation
-    :math:`z' = z + H \\log \\kappa` in ILR coordinates, because the rows of :math:`H`
-    sum to zero (Kim & Yang eq. 11, there for :math:`\\kappa = (1, \\kappa, 1)`:
-    :math:`(-\\ln\\kappa/\\sqrt2, +\\ln\\kappa/\\sqrt6)`).
+    Reweighting :math:`p'_f = \kappa_f p_f / \sum_j \kappa_j p_j` is the translation
+    :math:`z' = z + H \log \kappa` in ILR coordinates, because the rows of :math:`H`
+    sum to zero (Kim & Yang eq. 11, there for :math:`\kappa = (1, \kappa, 1)`:
+    :math:`(-\ln\kappa/\sqrt2, +\ln\kappa/\sqrt6)`).
 
     Arguments:
         kappa: positive per-class factors (length D).
@@ -326,7 +326,7 @@ def reweight_shift(kappa: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def reweight(p: Any, kappa: Sequence[float] | np.ndarray, eps: float = DEFAULT_EPS) -> Any:
-    """Reweight class priors, :math:`p' = \\mathcal{C}(\\kappa \\odot p)`, via the ILR shift."""
+    r"""Reweight class priors, :math:`p' = \mathcal{C}(\kappa \odot p)`, via the ILR shift."""
     shift = reweight_shift(kappa)
     z = ilr(p, eps)
     if _is_torch(z):
@@ -355,7 +355,7 @@ def ratio_score(
     denominator_weights: Sequence[float],
     eps: float = DEFAULT_EPS,
 ) -> Any:
-    """Generic ratio score :math:`(a \\cdot p) / (b \\cdot p)` on clipped probabilities.
+    r"""Generic ratio score :math:`(a \cdot p) / (b \cdot p)` on clipped probabilities.
 
     All scores of Kim & Yang eq. 1 and eq. 62 are of this form; e.g. DeepJet's CvL is
     ``ratio_score(p, [0, 1, 0], [0, 1, 1])``. The class axis is reduced.
@@ -376,15 +376,15 @@ def ratio_score(
 
 
 def d_bc(p: Any, k: float = 1.0, eps: float = DEFAULT_EPS) -> Any:
-    """:math:`D_{b/c}(\\kappa) = p_b / (p_b + \\kappa p_c)` (Kim & Yang eq. 62), order (b, c, l)."""
+    r""":math:`D_{b/c}(\kappa) = p_b / (p_b + \kappa p_c)` (Kim & Yang eq. 62), order (b, c, l)."""
     return ratio_score(p, [1.0, 0.0, 0.0], [1.0, k, 0.0], eps)
 
 
 def d_cl(p: Any, k: float = 1.0, eps: float = DEFAULT_EPS) -> Any:
-    """:math:`D_{c/\\ell}(\\kappa) = \\kappa p_c / (\\kappa p_c + p_\\ell)` (eq. 62)."""
+    r""":math:`D_{c/\ell}(\kappa) = \kappa p_c / (\kappa p_c + p_\ell)` (eq. 62)."""
     return ratio_score(p, [0.0, k, 0.0], [0.0, k, 1.0], eps)
 
 
 def d_hfl(p: Any, k: float = 1.0, eps: float = DEFAULT_EPS) -> Any:
-    """:math:`D_{HF/\\ell}(\\kappa) = (p_b + \\kappa p_c) / (p_b + \\kappa p_c + p_\\ell)` (eq. 62)."""
+    r""":math:`D_{HF/\ell}(\kappa) = (p_b + \kappa p_c) / (p_b + \kappa p_c + p_\ell)` (eq. 62)."""
     return ratio_score(p, [1.0, k, 0.0], [1.0, k, 1.0], eps)

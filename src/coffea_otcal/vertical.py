@@ -1,12 +1,12 @@
-"""Vertical calibration baseline: classifier density-ratio reweighting (Mind the Gap eq. 1, 5).
+r"""Vertical calibration baseline: classifier density-ratio reweighting (Mind the Gap eq. 1, 5).
 
 The standard alternative to transport moves no jet: it reweights each MC jet of flavour f
 by an estimate of the density ratio :math:`s_f(x) = p^{data}_f(x) / p^{MC}_f(x)` (Algren et
 al. 2025, eq. 1), here obtained from a classifier trained to separate the MC source of
 flavour f from the data target of the same flavour (the targets the OT maps are trained
-on), :math:`s = \\frac{c}{1-c} \\frac{W_{MC}}{W_{data}}`. Reweighting dilutes the MC
-statistics by the effective-sample-size fraction :math:`\\rho` of eq. 5; transport keeps
-:math:`\\rho = 1` by construction.
+on), :math:`s = \frac{c}{1-c} \frac{W_{MC}}{W_{data}}`. Reweighting dilutes the MC
+statistics by the effective-sample-size fraction :math:`\rho` of eq. 5; transport keeps
+:math:`\rho = 1` by construction.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 
 def effective_sample_fraction(weights: np.ndarray) -> float:
-    """:math:`\\rho = \\frac{1}{N} (\\sum_i s_i)^2 / \\sum_i s_i^2` (Mind the Gap eq. 5)."""
+    r""":math:`\rho = \frac{1}{N} (\sum_i s_i)^2 / \sum_i s_i^2` (Mind the Gap eq. 5)."""
     s = np.asarray(weights, dtype=np.float64)
     if len(s) == 0 or not np.all(np.isfinite(s)):
         msg = f"effective sample fraction needs finite weights, got {len(s)} entries"
