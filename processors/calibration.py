@@ -1,0 +1,318 @@
+"""Drop-in coffea processor that adds OT-calibrated tagger columns to ``events.Jet``.
+
+Three ways to use a bundle inside coffea:
+
+* one line in an existing processor::
+
+      events = add_calibrated_columns(events, calibrator)   # events.Jet.btagDeepFlavB_otcal ...
+
+* wrap an existing processor: ``CalibrationProcessor(bundle, inner=MyProcessor())`` calls
+  :func:`add_calibrated_columns` and then ``MyProcessor.process(events)``;
+* skim: ``CalibrationProcessor(bundle, output_dir=...)`` writes each chunk's events with
+  the calibrated columns as a parquet or ROOT part file (written atomically) and returns
+  counts (``coffea-otcal apply`` drives it).
+
+The column convention (``docs/bundle.md``) mirrors coffea's jet corrections without
+overwriting the original columns: nominal ``Jet.<col>_otcal`` and ``Jet.p_<class>_otcal``,
+flags ``Jet.otcal_status`` / ``Jet.otcal_clamped``, variations ``Jet.OTCAL_<v>.up.<col>`` /
+``.down.<col>``. ``replace_nominal=True`` opts in to coffea's ``pt``/``pt_orig`` pattern: the
+calibrated nominal replaces ``<col>`` and the original moves to ``<col>_orig``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_EVENT_FIELDS",
+    "DEFAULT_JET_FIELDS",
+    "CalibrationProcessor",
+    "add_calibrated_columns",
+    "skim_record",
+    "write_skim_part",
+]
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import awkward as ak
+from coffea.processor import ProcessorABC
+
+from coffea_otcal.applier import Calibrator, status_counts
+from coffea_otcal.bundle import Bundle
+
+#: event-level branches copied to skims (when present).
+DEFAULT_EVENT_FIELDS = ("run", "luminosityBlock", "event")
+#: Jet fields copied to skims besides the tagger, flavour and calibrated ones (when present).
+DEFAULT_JET_FIELDS = ("pt", "eta", "phi", "mass")
+
+SkimFormat = Literal["parquet", "root"]
+
+
+def _as_calibrator(bundle: Bundle | Calibrator | str | os.PathLike[str]) -> Calibrator:
+    return bundle if isinstance(bundle, Calibrator) else Calibrator(bundle)
+
+
+def _detect_is_data(
+    events: Any, jets: Any, calibrator: Calibrator, data_datasets: Sequence[str] = ()
+) -> bool:
+    """Decide data/MC: listed dataset, else ``metadata["is_data"]``, else no flavour field."""
+    metadata = getattr(events, "metadata", None) or {}
+    if data_datasets and metadata.get("dataset") in data_datasets:
+        return True
+    if "is_data" in metadata:
+        return bool(metadata["is_data"])
+    return calibrator.flavour_column not in jets.fields
+
+
+def add_calibrated_columns(
+    events: Any,
+    bundle_or_calibrator: Bundle | Calibrator | str | os.PathLike[str],
+    *,
+    is_data: bool | None = None,
+    collection: str = "Jet",
+    variations: Sequence[str] | None = None,
+    replace_nominal: bool = False,
+) -> Any:
+    """Add the calibrated columns of a bundle to ``events[collection]`` (one line anywhere).
+
+    Arguments:
+        events: NanoEvents (eager or virtual) or any awkward array of events with a jagged
+            jet collection.
+        bundle_or_calibrator: a Calibrator (reuse it across chunks), a Bundle or a path.
+        is_data: data jets are never moved; None reads ``events.metadata["is_data"]`` or,
+            failing that, treats events without the flavour field as data.
+        collection: the jet collection.
+        variations: variation names (None: all).
+        replace_nominal: also write the calibrated nominal into ``<col>`` and keep the
+            original in ``<col>_orig`` (coffea's ``pt`` / ``pt_orig`` pattern).
+
+    Returns:
+        The same events object with the new jet fields.
+    """
+    calibrator = _as_calibrator(bundle_or_calibrator)
+    jets = events[collection]
+    if is_data is None:
+        is_data = _detect_is_data(events, jets, calibrator)
+    out = calibrator.calibrate_jets(jets, is_data=is_data, variations=variations)
+    originals = {c: jets[c] for c in calibrator.columns} if replace_nominal else {}
+    for field in out.fields:
+        events[collection, field] = out[field]
+    for col, values in originals.items():
+        events[collection, f"{col}_orig"] = values
+        events[collection, col] = out[f"{col}_otcal"]
+    return events
+
+
+def _flatten_record(prefix: str, array: Any, out: dict[str, Any]) -> None:
+    """Flatten nested record fields into ``a_b_c`` names (ROOT branches are flat)."""
+    if array.fields:
+        for field in array.fields:
+            _flatten_record(f"{prefix}_{field}" if prefix else field, array[field], out)
+    else:
+        out[prefix] = array
+
+
+def skim_record(
+    events: Any,
+    calibrator: Calibrator | None,
+    *,
+    collection: str = "Jet",
+    jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
+    event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+    flat_names: bool = False,
+    flavour_column: str = "hadronFlavour",
+    tagger_columns: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Select the skim's columns: event fields and one jet record (plain awkward arrays).
+
+    Arguments:
+        events: events after :func:`add_calibrated_columns` (or raw, for a reference skim).
+        calibrator: gives the tagger and flavour columns; None uses ``tagger_columns``.
+        collection: the jet collection.
+        jet_fields: extra jet fields kept when present.
+        event_fields: event-level fields kept when present.
+        flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
+        flavour_column: flavour field kept when present (without a calibrator).
+        tagger_columns: tagger fields kept (without a calibrator).
+
+    Returns:
+        ``{event field: array, collection: jagged jet record}``.
+    """
+    jets = events[collection]
+    if calibrator is not None:
+        tagger_columns, flavour_column = calibrator.columns, calibrator.flavour_column
+    base = [*jet_fields, flavour_column, *tagger_columns]
+    calibrated = [
+        f for f in jets.fields if f.endswith("_otcal") or f.startswith(("otcal_", "OTCAL_"))
+    ]
+    calibrated += [f"{c}_orig" for c in tagger_columns if f"{c}_orig" in jets.fields]
+    keep = [f for f in dict.fromkeys([*base, *calibrated]) if f in jets.fields]
+    fields: dict[str, Any] = {}
+    for name in keep:
+        value = ak.without_parameters(jets[name])
+        if flat_names:
+            _flatten_record(name, value, fields)
+        else:
+            fields[name] = value
+    record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
+    record[collection] = ak.zip(fields, depth_limit=2)
+    return record
+
+
+def _part_name(metadata: dict[str, Any], suffix: str) -> str:
+    stem = Path(str(metadata.get("filename", "chunk"))).name.split(".")[0]
+    dataset = str(metadata.get("dataset", stem))
+    start, stop = metadata.get("entrystart", 0), metadata.get("entrystop", 0)
+    raw = f"{dataset}__{stem}__{start}-{stop}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw) + suffix
+
+
+def write_skim_part(record: dict[str, Any], path: str | os.PathLike[str], fmt: SkimFormat) -> int:
+    """Write one skim part atomically (temporary name in the same folder, then rename).
+
+    Arguments:
+        record: output of :func:`skim_record` (``flat_names=True`` for ROOT).
+        path: destination file.
+        fmt: ``"parquet"`` or ``"root"`` (tree ``Events``, branches ``Jet_<field>``, ``nJet``).
+
+    Returns:
+        The size of the written file in bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if fmt == "parquet":
+            ak.to_parquet(ak.zip(record, depth_limit=1), tmp)
+        elif fmt == "root":
+            import uproot
+
+            branches = {
+                k: v if v.ndim > 1 or v.fields else ak.to_numpy(v) for k, v in record.items()
+            }
+            with uproot.recreate(tmp) as out:
+                out.mktree(
+                    "Events",
+                    branches,
+                    field_name=lambda outer, inner: f"{outer}_{inner}",
+                    counter_name=lambda counted: f"n{counted}",
+                )
+        else:
+            msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
+            raise ValueError(msg)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+class CalibrationProcessor(ProcessorABC):
+    """coffea processor: calibrate the jets of every chunk; wrap a processor or write skims.
+
+    Arguments:
+        bundle: a Bundle, a Calibrator or a bundle path (pickled as the bundle JSON).
+        inner: an existing processor run on the calibrated events; its output is returned
+            with the counts under the key ``"otcal"`` (when it is a dict).
+        output_dir: write each chunk as a skim part file into this folder.
+        fmt: skim format, ``"parquet"`` or ``"root"``.
+        collection: the jet collection.
+        is_data: force data/MC; None reads ``events.metadata["is_data"]`` (set it in the
+            fileset) or treats events without the flavour field as data.
+        variations: variation names (None: all).
+        data_datasets: dataset names whose events are data (checked before the metadata;
+            coffea's Runner caches fileset metadata per file across runs unless it gets a
+            fresh ``metadata_cache``).
+        calibrate: False writes the same skim without calibration (the reference of the
+            skim-cost benchmark).
+        jet_fields: extra jet fields kept in skims.
+        event_fields: event fields kept in skims.
+
+    Returns (from ``process``):
+        ``{"events", "jets", "status": {name: count}, "clamped", "parts": [names], "bytes"}``
+        (or the inner processor's output with these under ``"otcal"``).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | Calibrator | str | os.PathLike[str],
+        *,
+        inner: ProcessorABC | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        fmt: SkimFormat = "parquet",
+        collection: str = "Jet",
+        is_data: bool | None = None,
+        variations: Sequence[str] | None = None,
+        data_datasets: Sequence[str] = (),
+        calibrate: bool = True,
+        jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
+        event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+    ) -> None:
+        if fmt not in ("parquet", "root"):
+            msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
+            raise ValueError(msg)
+        self.calibrator = _as_calibrator(bundle)
+        self.inner = inner
+        self.output_dir = None if output_dir is None else str(output_dir)
+        self.fmt = fmt
+        self.collection = collection
+        self.is_data = is_data
+        self.variations = None if variations is None else list(variations)
+        self.data_datasets = tuple(data_datasets)
+        self.calibrate = calibrate
+        self.jet_fields = tuple(jet_fields)
+        self.event_fields = tuple(event_fields)
+
+    def process(self, events: Any) -> dict[str, Any]:
+        """Calibrate one chunk; write its skim part and/or run the inner processor."""
+        jets = events[self.collection]
+        is_data = self.is_data
+        if is_data is None:
+            is_data = _detect_is_data(events, jets, self.calibrator, self.data_datasets)
+        counts: dict[str, Any] = {"events": len(events), "jets": int(ak.sum(ak.num(jets)))}
+        if self.calibrate:
+            events = add_calibrated_columns(
+                events,
+                self.calibrator,
+                is_data=is_data,
+                collection=self.collection,
+                variations=self.variations,
+            )
+            jets = events[self.collection]
+            flags = status_counts(jets.otcal_status, jets.otcal_clamped)
+            counts["clamped"] = flags.pop("clamped")
+            counts["status"] = flags
+        counts["parts"] = []
+        counts["bytes"] = 0
+        if self.output_dir is not None:
+            record = skim_record(
+                events,
+                self.calibrator,
+                collection=self.collection,
+                jet_fields=self.jet_fields,
+                event_fields=self.event_fields,
+                flat_names=self.fmt == "root",
+            )
+            suffix = ".parquet" if self.fmt == "parquet" else ".root"
+            name = _part_name(dict(getattr(events, "metadata", None) or {}), suffix)
+            counts["bytes"] = write_skim_part(record, Path(self.output_dir) / name, self.fmt)
+            counts["parts"] = [name]
+        if self.inner is None:
+            return counts
+        result = self.inner.process(events)
+        if isinstance(result, dict):
+            result = {**result, "otcal": counts}
+        return result
+
+    def postprocess(self, accumulator: Any) -> Any:
+        """Sort the part names (chunks finish in any order) and pass the rest through."""
+        if isinstance(accumulator, dict) and "parts" in accumulator:
+            accumulator["parts"] = sorted(accumulator["parts"])
+        if self.inner is not None:
+            return self.inner.postprocess(accumulator)
+        return accumulator

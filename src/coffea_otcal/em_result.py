@@ -1,0 +1,254 @@
+"""EM fit results: region arrays, the fitted model and its npz file format."""
+
+from __future__ import annotations
+
+__all__ = [
+    "RESULT_SCHEMA_VERSION",
+    "EMResult",
+    "RegionData",
+    "atomic_savez",
+    "fractions_from_logits",
+    "logits_from_fractions",
+    "responsibilities",
+    "writer_info",
+]
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from coffea_otcal.em import EMConfig
+
+RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RegionData:
+    """Jets of one control region as plain arrays.
+
+    Attributes:
+        x: ILR coordinates of the tagger output, ``(n, D-1)``.
+        context: kinematic context (e.g. ``log pt, eta``), ``(n, k)``, or ``None``.
+        weight: event weights ``(n,)``; ``None`` means unit weights.
+        flavour: truth flavour code per jet (``hadronFlavour`` 5/4/0) for MC, else ``None``.
+    """
+
+    x: np.ndarray
+    context: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    flavour: np.ndarray | None = None
+
+    @property
+    def weight_array(self) -> np.ndarray:
+        """The event weights as float64, unit weights when ``weight`` is ``None``."""
+        if self.weight is None:
+            return np.ones(len(self.x))
+        return np.asarray(self.weight, dtype=np.float64)
+
+
+def fractions_from_logits(a: np.ndarray) -> np.ndarray:
+    r"""Mixture fractions from free logits, eq. 20: :math:`\pi_{r,j} = e^{a_{r,j}} / D_r(a)`."""
+    a = np.asarray(a, dtype=np.float64)
+    full = np.concatenate([a, np.zeros((*a.shape[:-1], 1))], axis=-1)
+    full = full - full.max(axis=-1, keepdims=True)
+    e = np.exp(full)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def logits_from_fractions(pi: np.ndarray) -> np.ndarray:
+    r"""Free logits of eq. 19, :math:`a_{r,j} = \log(\pi_{r,j} / \pi_{r,K})`."""
+    pi = np.asarray(pi, dtype=np.float64)
+    return np.log(pi[..., :-1]) - np.log(pi[..., -1:])
+
+
+@dataclass
+class EMResult:
+    r"""The converged EM fit: flows :math:`\hat q_f`, logits :math:`\hat a`, prior, trace.
+
+    ``data`` holds the data regions with weights rescaled per region to the Kish effective
+    sample size, :math:`\sum_i w_i = (\sum w)^2 / \sum w^2`, the scale at which the
+    likelihood of eq. 23 is balanced against the logit prior.
+    """
+
+    classes: tuple[str, ...]
+    regions: tuple[str, ...]
+    config: EMConfig
+    flows: Any
+    pretrained_state: dict[str, np.ndarray]
+    logits: np.ndarray
+    prior_logits: np.ndarray
+    prior_cov: np.ndarray
+    initial_logits: np.ndarray
+    enriched: tuple[str, ...]
+    data: dict[str, RegionData]
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    converged: bool = False
+    n_iterations: int = 0
+    seed: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def fractions(self) -> np.ndarray:
+        r"""Fitted composition matrix :math:`\hat\Pi` ``(R, F)`` (eq. 20)."""
+        return fractions_from_logits(self.logits)
+
+    @property
+    def prior_fractions(self) -> np.ndarray:
+        r"""Prior centre :math:`\pi^0` ``(R, F)``."""
+        return fractions_from_logits(self.prior_logits)
+
+    @property
+    def initial_fractions(self) -> np.ndarray:
+        """Randomly perturbed starting fractions ``(R, F)``."""
+        return fractions_from_logits(self.initial_logits)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the flows are conditioned on kinematics."""
+        return bool(self.flows.n_context)
+
+    def log_prob(self, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        r""":math:`\log \hat q_f(x \mid c)` for all flavours, ``(n, F)``."""
+        return self.flows.log_prob_numpy(np.asarray(x), context)
+
+    def pretrained_flows(self) -> Any:
+        """A copy of the flows as they were after MC pretraining (:math:`q_f^{MC}`)."""
+        from coffea_otcal.flows import FlavourFlows, state_from_numpy
+
+        flows = FlavourFlows(
+            self.flows.n_features, self.flows.n_context, self.classes, self.config.flow
+        )
+        flows.load_state_dict(state_from_numpy(self.pretrained_state))
+        return flows.eval()
+
+    def responsibilities(self, region: str, log_q: np.ndarray | None = None) -> np.ndarray:
+        r"""E-step responsibilities :math:`\hat\gamma_{r,i,k}` of eq. 17 / 36, ``(n, F)``."""
+        r = self.regions.index(region)
+        d = self.data[region]
+        if log_q is None:
+            log_q = self.log_prob(d.x, d.context)
+        return responsibilities(log_q, np.log(self.fractions[r]))[0]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result to an ``.npz`` (arrays + JSON metadata; no pickle), atomically."""
+        from coffea_otcal.flows import state_to_numpy
+
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {
+            "logits": self.logits,
+            "prior_logits": self.prior_logits,
+            "prior_cov": self.prior_cov,
+            "initial_logits": self.initial_logits,
+        }
+        for k, v in state_to_numpy(self.flows).items():
+            arrays[f"flow/{k}"] = v
+        for k, v in self.pretrained_state.items():
+            arrays[f"pretrained/{k}"] = v
+        for name, d in self.data.items():
+            arrays[f"data/{name}/x"] = d.x
+            arrays[f"data/{name}/weight"] = d.weight_array
+            if d.context is not None:
+                arrays[f"data/{name}/context"] = d.context
+        meta = {
+            "schema": "coffea-otcal-em-result",
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "writer_info": writer_info(),
+            "classes": list(self.classes),
+            "regions": list(self.regions),
+            "enriched": list(self.enriched),
+            "config": self.config.model_dump(mode="json"),
+            "n_features": self.flows.n_features,
+            "n_context": self.flows.n_context,
+            "trace": self.trace,
+            "converged": self.converged,
+            "n_iterations": self.n_iterations,
+            "seed": self.seed,
+            "elapsed_s": self.elapsed_s,
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        atomic_savez(path, arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EMResult:
+        """Read a result written by :meth:`save`; refuses other schemas or versions."""
+        from coffea_otcal.flows import FlavourFlows, state_from_numpy
+
+        path = Path(path)
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        if "meta" not in arrays:
+            msg = f"{path} is not an EM result file (no 'meta' entry)"
+            raise ValueError(msg)
+        meta = json.loads(str(arrays["meta"]))
+        if meta.get("schema") != "coffea-otcal-em-result":
+            msg = f"{path} has schema {meta.get('schema')!r}, expected 'coffea-otcal-em-result'"
+            raise ValueError(msg)
+        if meta.get("schema_version") != RESULT_SCHEMA_VERSION:
+            msg = (
+                f"{path} has EM result schema_version {meta.get('schema_version')}; this "
+                f"coffea-otcal reads version {RESULT_SCHEMA_VERSION}: refit with this version"
+            )
+            raise ValueError(msg)
+        from coffea_otcal.em import EMConfig
+
+        config = EMConfig.model_validate(meta["config"])
+        flows = FlavourFlows(meta["n_features"], meta["n_context"], meta["classes"], config.flow)
+        flow_state = {k[5:]: v for k, v in arrays.items() if k.startswith("flow/")}
+        flows.load_state_dict(state_from_numpy(flow_state))
+        data = {}
+        for name in meta["regions"]:
+            ctx = arrays.get(f"data/{name}/context")
+            data[name] = RegionData(
+                x=arrays[f"data/{name}/x"], context=ctx, weight=arrays[f"data/{name}/weight"]
+            )
+        return cls(
+            classes=tuple(meta["classes"]),
+            regions=tuple(meta["regions"]),
+            config=config,
+            flows=flows.eval(),
+            pretrained_state={k[11:]: v for k, v in arrays.items() if k.startswith("pretrained/")},
+            logits=arrays["logits"],
+            prior_logits=arrays["prior_logits"],
+            prior_cov=arrays["prior_cov"],
+            initial_logits=arrays["initial_logits"],
+            enriched=tuple(meta["enriched"]),
+            data=data,
+            trace=meta["trace"],
+            converged=meta["converged"],
+            n_iterations=meta["n_iterations"],
+            seed=meta["seed"],
+            elapsed_s=meta["elapsed_s"],
+        )
+
+
+def writer_info() -> dict[str, str]:
+    """Versions of the packages that wrote a file."""
+    import torch
+
+    from coffea_otcal import __version__
+
+    return {"coffea_otcal": __version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write an uncompressed ``.npz`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def responsibilities(log_q: np.ndarray, log_pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Eq. 17: :math:`\gamma_k = \pi_k q_k / \sum_j \pi_j q_j`; also returns log p_r."""
+    joint = log_q + log_pi
+    m = joint.max(axis=-1, keepdims=True)
+    log_p = (m + np.log(np.exp(joint - m).sum(axis=-1, keepdims=True)))[..., 0]
+    return np.exp(joint - log_p[..., None]), log_p
