@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("coffea_otcal.train_cli", "train flavour-factorized OT maps"),
     "export": ("coffea_otcal.export_cli", "write the bundle's correctionlib export"),
     "apply": ("coffea_otcal.skim", "calibrate ROOT files with a bundle and write skims"),
+    "run": ("coffea_otcal.run_cli", "run the whole chain from a pipeline configuration"),
+    "demo": ("coffea_otcal.demo", "generate a sample with known truth and run the whole chain"),
 }
 
 

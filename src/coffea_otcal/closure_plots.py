@@ -120,7 +120,7 @@ def plot_discriminant_closure(
         fig, (ax, rax) = plt.subplots(
             2, 1, figsize=(8, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05}
         )
-        fig.subplots_adjust(left=0.17, right=0.96, top=0.93, bottom=0.1)
+        fig.subplots_adjust(left=0.2, right=0.96, top=0.93, bottom=0.1)
         mplhep.histplot(h_before, edges, ax=ax, label="MC (uncalibrated)", color="tab:blue", ls="--")
         mplhep.histplot(h_after, edges, ax=ax, label="MC (OT calibrated)", color="tab:red")
         for label, (probs, w) in (extra or {}).items():
@@ -207,8 +207,8 @@ def plot_map_arrows(
             ax.set_aspect("equal")
             ax.axis("off")
         else:
-            ax.set_xlabel("$z_1 = \\ln(p_b/p_c)/\\sqrt{2}$")
-            ax.set_ylabel("$z_2 = \\sqrt{2/3}\\,\\ln(\\sqrt{p_b p_c}/p_\\ell)$")
+            ax.set_xlabel("ILR $z_1$ = ln($p_b/p_c$) / 1.414")
+            ax.set_ylabel("ILR $z_2$ = 0.816 ln($(p_b p_c)^{1/2}/p_l$)")
         ax.legend(fontsize="small")
         _label(ax, experiment, text, "" if space == "simplex" else "OT map (ILR)")
         out = _save(fig, Path(path))

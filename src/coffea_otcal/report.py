@@ -1,0 +1,336 @@
+r"""The closure stage: calibrate the validation and control regions, measure, plot, report.
+
+For every region (validation first, then each control region) the MC jets are moved by
+the bundle's map of their truth flavour (nominal and every variation) with the numpy
+applier, and compared with the (pseudo-)data on the eq.-62 discriminants for each
+:math:`\kappa`: a shape chi2 before and after calibration, the variation-band coverage,
+a classifier two-sample AUC (MC vs data, before and after, on held-out jets) and the mean
+Aitchison displacement. The vertical baseline reweights the same MC jets with classifier
+density ratios trained on the same EM targets; its closure and its effective-sample-size
+fraction :math:`\rho` (Mind the Gap eq. 5) are reported side by side. ``report.md`` (one
+page) and ``report.json`` summarise; ``plots/index.md`` lists the plots.
+"""
+
+from __future__ import annotations
+
+__all__ = ["band_coverage", "detect_mantissa_bits", "requantise", "run_closure_stage"]
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coffea_otcal import geometry
+from coffea_otcal.closure import (
+    DISCRIMINANTS,
+    classifier_auc,
+    discriminant_values,
+    mean_aitchison_displacement,
+    shape_chi2,
+)
+
+if TYPE_CHECKING:
+    from coffea_otcal.pipeline import PipelineConfig, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+def _hist(values: np.ndarray, weight: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    v = np.clip(values, 0.0, np.nextafter(1.0, 0.0))
+    return np.histogram(v, edges, weights=weight)[0], np.histogram(v, edges, weights=weight**2)[0]
+
+
+def band_coverage(
+    data: tuple[np.ndarray, np.ndarray],
+    nominal: tuple[np.ndarray, np.ndarray],
+    variations: list[np.ndarray],
+) -> tuple[int, int]:
+    r"""Bins where the data lie inside the variation envelope widened by the statistical error.
+
+    All histograms are normalised to unit area; the envelope spans the nominal and every
+    variation, and it is widened by :math:`\sqrt{\sigma^2_{data} + \sigma^2_{MC}}` per bin.
+
+    Returns:
+        ``(bins inside, bins with entries)``.
+    """
+    (d, dv), (n, nv) = data, nominal
+    d_frac, n_frac = d / d.sum(), n / n.sum()
+    shapes = [n_frac] + [v / v.sum() for v in variations]
+    lo, hi = np.min(shapes, axis=0), np.max(shapes, axis=0)
+    sigma = np.sqrt(dv / d.sum() ** 2 + nv / n.sum() ** 2)
+    used = (d > 0) | (n > 0)
+    inside = (d_frac >= lo - sigma) & (d_frac <= hi + sigma)
+    return int((inside & used).sum()), int(used.sum())
+
+
+def _features(probs: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(geometry.ilr(probs)), ctx], axis=1)
+
+
+def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= cap else np.sort(rng.choice(n, cap, replace=False))
+
+
+def detect_mantissa_bits(raw: np.ndarray, max_bits: int = 22) -> int | None:
+    """The fewest stored mantissa bits that reproduce every raw tagger value (None: full float).
+
+    NanoAOD stores tagger scores with a reduced mantissa (10 bits for DeepJet); calibrated
+    columns written back to such files are rounded the same way, so the closure compares
+    like with like (otherwise a classifier sees the quantisation grid, not the calibration).
+    """
+    from coffea_otcal.latent_tagger import quantise_mantissa
+
+    v = np.asarray(raw, dtype=np.float32).ravel()
+    v = v[np.isfinite(v) & (v != 0)]
+    if len(v) == 0:
+        return None
+    for bits in range(4, max_bits + 1):
+        if np.array_equal(quantise_mantissa(v, bits), v):
+            return bits
+    return None
+
+
+def requantise(adapter: Any, probs: np.ndarray, bits: int | None) -> np.ndarray:
+    """Round calibrated probabilities through the tagger's own columns at ``bits`` mantissa bits."""
+    if bits is None:
+        return probs
+    from coffea_otcal.latent_tagger import quantise_mantissa
+
+    cols = {k: quantise_mantissa(v, bits) for k, v in adapter.from_simplex(probs).items()}
+    out, valid = adapter.to_simplex(cols)
+    return np.where(valid[:, None], out, probs)
+
+
+def _calibrate_region(cal: Any, probs: np.ndarray, flavour: np.ndarray,
+                      kin: Mapping[str, np.ndarray], bits: int | None) -> dict[str, np.ndarray]:
+    """Calibrated probabilities of every map name (jets without a map stay unchanged)."""
+    from coffea_otcal.adapters import get_adapter
+
+    adapter = get_adapter(cal.bundle.adapter.name, **cal.bundle.adapter.options)
+    out = {name: probs.copy() for name in cal.bundle.map_names}
+    for code in cal.bundle.flavour_codes:
+        m = flavour == code
+        if not m.any():
+            continue
+        kin_m = {k: v[m] for k, v in kin.items()}
+        for name in cal.bundle.map_names:
+            out[name][m] = requantise(adapter, cal.calibrate_probs(probs[m], code, kin_m, name), bits)
+    return out
+
+
+def _baseline_ratios(config: PipelineConfig, results: Mapping[str, StageResult]) -> dict[int, Any]:
+    """Vertical baseline: per flavour, a density ratio MC -> EM data target."""
+    from coffea_otcal.variations import Targets
+    from coffea_otcal.vertical import fit_density_ratio
+
+    targets = Targets.load(results["em"].folder / "targets.npz")
+    codes = dict(zip(targets.meta.classes, targets.meta.flavour_codes, strict=True))
+    ratios = {}
+    for flav, tgt in targets.flavours.items():
+        src = np.concatenate([tgt.source_x, tgt.source_context], axis=1) if tgt.source_context is not None else tgt.source_x
+        y, yc, yw = tgt.target()
+        dst = np.concatenate([y, yc], axis=1) if yc is not None else y
+        ratios[codes[flav]] = fit_density_ratio(src, dst, tgt.source_weight, yw, seed=config.seed)
+    return ratios
+
+
+def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+                      progress: bool, truth: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Closure metrics, plots and the report of one pipeline run."""
+    from coffea_otcal.applier import Calibrator
+    from coffea_otcal.bundle import Bundle
+    from coffea_otcal.closure_plots import plot_discriminant_closure, plot_map_arrows
+    from coffea_otcal.pipeline import context_arrays
+    from coffea_otcal.store import load_store
+    from coffea_otcal.vertical import effective_sample_fraction
+
+    store = load_store(results["fill"].folder / "store.parquet")
+    bundle = Bundle.load(results["ot"].folder / "bundle.json.gz")
+    cal = Calibrator(bundle)
+    cc = config.closure
+    rng = np.random.default_rng(config.seed)
+    ratios = _baseline_ratios(config, results) if cc.baseline else {}
+    plots: list[Path] = []
+    regions: dict[str, Any] = {}
+    arrows_before: dict[str, np.ndarray] = {}
+    arrows_after: dict[str, np.ndarray] = {}
+    labels = {f.code: f.label for f in bundle.flavours}
+    for region in [*config.validation_regions, *config.cr_names]:
+        is_vr = region in config.validation_regions
+        data, mc = store.select(region=region, is_data=True), store.select(region=region, is_data=False)
+        kin = {n: mc.kin[:, i] for i, n in enumerate(store.kinematics)}
+        kin_d = {n: data.kin[:, i] for i, n in enumerate(store.kinematics)}
+        bits = detect_mantissa_bits(data.raw)
+        calibrated = _calibrate_region(cal, mc.probs, mc.flavour, kin, bits)
+        nominal = calibrated["nominal"]
+        variations = [v for k, v in calibrated.items() if k != "nominal"]
+        ctx_mc, ctx_d = context_arrays(config, kin), context_arrays(config, kin_d)
+        s = np.ones(len(mc))
+        for code, ratio in ratios.items():
+            m = mc.flavour == code
+            if m.any():
+                s[m] = ratio(_features(mc.probs[m], ctx_mc[m]))
+        w_base = mc.weight * s
+        hists: dict[str, Any] = {}
+        inside = used = 0
+        for name in DISCRIMINANTS:
+            for k in cc.kappas:
+                key = f"{name}(k={k:g})"
+                hd = _hist(discriminant_values(data.probs, name, k), data.weight, cc.bins)
+                hb = _hist(discriminant_values(mc.probs, name, k), mc.weight, cc.bins)
+                ha = _hist(discriminant_values(nominal, name, k), mc.weight, cc.bins)
+                hv = [_hist(discriminant_values(v, name, k), mc.weight, cc.bins)[0] for v in variations]
+                hr = _hist(discriminant_values(mc.probs, name, k), w_base, cc.bins)
+                i, u = band_coverage(hd, ha, hv)
+                inside, used = inside + i, used + u
+                hists[key] = {
+                    "before": shape_chi2(*hb, *hd).to_dict(),
+                    "after": shape_chi2(*ha, *hd).to_dict(),
+                    "baseline": shape_chi2(*hr, *hd).to_dict() if ratios else None,
+                    "band_coverage": [i, u],
+                }
+                if is_vr or (cc.plot_control_regions and k == 1.0):
+                    var_probs = {n: calibrated[n] for n in calibrated if n != "nominal"}
+                    extra = {"MC (reweighted baseline)": (mc.probs, w_base)} if ratios else None
+                    plots.append(plot_discriminant_closure(
+                        tmp / "plots" / f"closure_{region}_{name}_k{k:g}.png", name, k,
+                        (data.probs, data.weight), (mc.probs, mc.weight), (nominal, mc.weight),
+                        var_probs, bins=cc.bins, experiment=cc.experiment, region=region, extra=extra,
+                    ))
+        sub_mc = _subsample(len(mc), cc.classifier_max_jets, rng)
+        sub_d = _subsample(len(data), cc.classifier_max_jets, rng)
+        f_d = _features(data.probs[sub_d], ctx_d[sub_d])
+        auc = {
+            "before": classifier_auc(_features(mc.probs[sub_mc], ctx_mc[sub_mc]), f_d, mc.weight[sub_mc], data.weight[sub_d], seed=config.seed),
+            "after": classifier_auc(_features(nominal[sub_mc], ctx_mc[sub_mc]), f_d, mc.weight[sub_mc], data.weight[sub_d], seed=config.seed),
+        }
+        if ratios:
+            auc["baseline"] = classifier_auc(_features(mc.probs[sub_mc], ctx_mc[sub_mc]), f_d, w_base[sub_mc], data.weight[sub_d], seed=config.seed)
+        after_vals = [h["after"]["chi2_ndf"] for h in hists.values()]
+        regions[region] = {
+            "validation": is_vr,
+            "n_data": len(data), "n_mc": len(mc),
+            "histograms": hists,
+            "mean_chi2_ndf": {
+                "before": float(np.mean([h["before"]["chi2_ndf"] for h in hists.values()])),
+                "after": float(np.mean(after_vals)),
+                "baseline": float(np.mean([h["baseline"]["chi2_ndf"] for h in hists.values()])) if ratios else None,
+            },
+            "min_p_value_after": float(np.min([h["after"]["p_value"] for h in hists.values()])),
+            "band_coverage": inside / used if used else float("nan"),
+            "classifier_auc": auc,
+            "mean_aitchison_displacement": mean_aitchison_displacement(mc.probs, nominal, mc.weight),
+            "rho": {"ot": 1.0, "baseline": effective_sample_fraction(s) if ratios else None},
+        }
+        if is_vr and not arrows_before:
+            for code, label in labels.items():
+                m = mc.flavour == code
+                arrows_before[label] = np.asarray(geometry.ilr(mc.probs[m]))
+                arrows_after[label] = np.asarray(geometry.ilr(nominal[m]))
+    if arrows_before:
+        for space in ("ilr", "simplex"):
+            plots.append(plot_map_arrows(tmp / "plots" / f"map_{space}.png", arrows_before,
+                                         arrows_after, space=space, experiment=cc.experiment))
+    per_flavour = _per_flavour_truth(config, cal, truth, labels) if truth else None
+    summary = _summary(config, regions, per_flavour, results)
+    (tmp / "report.json").write_text(json.dumps({"summary": summary, "regions": regions,
+                                                 "per_flavour_truth": per_flavour}, indent=1, default=float))
+    (tmp / "report.md").write_text(_markdown(summary, regions, per_flavour))
+    index = ["# Plots", ""] + [f"- [{p.name}]({p.name})" for p in plots]
+    (tmp / "plots" / "index.md").write_text("\n".join(index) + "\n")
+    return summary
+
+
+def _per_flavour_truth(config: PipelineConfig, cal: Any, truth: Mapping[str, Any],
+                       labels: Mapping[int, str]) -> dict[str, Any] | None:
+    """Closure per flavour against a fresh sample of the true data response (known truth)."""
+    per = truth.get("per_flavour")
+    if not per:
+        return None
+    out = {}
+    for code, sample in per.items():
+        mc_probs, mc_kin, data_probs = sample["mc_probs"], sample["mc_kin"], sample["data_probs"]
+        if int(code) not in cal.bundle.flavour_codes:
+            continue
+        bits = sample.get("mantissa_bits")
+        from coffea_otcal.adapters import get_adapter
+
+        adapter = get_adapter(cal.bundle.adapter.name, **cal.bundle.adapter.options)
+        after = requantise(adapter, cal.calibrate_probs(mc_probs, int(code), mc_kin, "nominal"), bits)
+        res = {}
+        for name in DISCRIMINANTS:
+            hd = _hist(discriminant_values(data_probs, name, 1.0), np.ones(len(data_probs)), config.closure.bins)
+            hb = _hist(discriminant_values(mc_probs, name, 1.0), np.ones(len(mc_probs)), config.closure.bins)
+            ha = _hist(discriminant_values(after, name, 1.0), np.ones(len(after)), config.closure.bins)
+            res[name] = {"before": shape_chi2(*hb, *hd).chi2_ndf, "after": shape_chi2(*ha, *hd).chi2_ndf}
+        out[labels.get(int(code), str(code))] = res
+    return out
+
+
+def _summary(config: PipelineConfig, regions: Mapping[str, Any], per_flavour: Any,
+             results: Mapping[str, StageResult]) -> dict[str, Any]:
+    vr = [regions[r] for r in config.validation_regions]
+    hist_after = [h["after"] for r in vr for h in r["histograms"].values()]
+    hist_base = [h["baseline"] for r in vr for h in r["histograms"].values() if h["baseline"]]
+    return {
+        "validation_regions": list(config.validation_regions),
+        "n_data_vr": int(sum(r["n_data"] for r in vr)),
+        "n_mc_vr": int(sum(r["n_mc"] for r in vr)),
+        "auc_before": float(np.mean([r["classifier_auc"]["before"] for r in vr])),
+        "auc_after": float(np.mean([r["classifier_auc"]["after"] for r in vr])),
+        "auc_baseline": float(np.mean([r["classifier_auc"].get("baseline", np.nan) for r in vr])),
+        "mean_chi2_ndf_before": float(np.mean([r["mean_chi2_ndf"]["before"] for r in vr])),
+        "mean_chi2_ndf_after": float(np.mean([h["chi2_ndf"] for h in hist_after])),
+        "mean_chi2_ndf_baseline": float(np.mean([h["chi2_ndf"] for h in hist_base])) if hist_base else None,
+        "min_p_value_after": float(np.min([h["p_value"] for h in hist_after])),
+        "band_coverage": float(np.mean([r["band_coverage"] for r in vr])),
+        "rho_baseline": float(np.mean([r["rho"]["baseline"] for r in vr])) if hist_base else None,
+        "mean_aitchison_displacement": float(np.mean([r["mean_aitchison_displacement"] for r in vr])),
+        "stage_seconds": {k: round(v.seconds, 1) for k, v in results.items()},
+    }
+
+
+def _markdown(summary: Mapping[str, Any], regions: Mapping[str, Any], per_flavour: Any) -> str:
+    def f(x: Any, nd: int = 3) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
+
+    lines = [
+        "# coffea-otcal closure report",
+        "",
+        f"Validation region(s) {', '.join(summary['validation_regions'])}: "
+        f"{summary['n_data_vr']} data jets, {summary['n_mc_vr']} MC jets.",
+        "",
+        "| metric (validation) | uncalibrated MC | OT calibrated | reweighting baseline |",
+        "| --- | --- | --- | --- |",
+        f"| classifier AUC, MC vs data (0.5 = indistinguishable) | {f(summary['auc_before'])} | {f(summary['auc_after'])} | {f(summary['auc_baseline'])} |",
+        f"| mean chi2/ndf over the D(k) histograms | {f(summary['mean_chi2_ndf_before'], 2)} | {f(summary['mean_chi2_ndf_after'], 2)} | {f(summary['mean_chi2_ndf_baseline'], 2)} |",
+        f"| effective MC sample fraction rho (eq. 5) | 1 | 1 | {f(summary['rho_baseline'])} |",
+        "",
+        f"- smallest chi2 p-value after calibration: {summary['min_p_value_after']:.3g}",
+        f"- bins with the data inside the variation band (+- stat): {100 * summary['band_coverage']:.1f} %",
+        f"- mean Aitchison displacement of the MC jets: {f(summary['mean_aitchison_displacement'])}",
+        f"- stage wall times [s]: {summary['stage_seconds']}",
+        "",
+        "## Per region",
+        "",
+        "| region | kind | AUC before | AUC after | chi2/ndf before | chi2/ndf after | min p after | band coverage |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in regions.items():
+        lines.append(
+            f"| {name} | {'validation' if r['validation'] else 'control'} | {f(r['classifier_auc']['before'])} | "
+            f"{f(r['classifier_auc']['after'])} | {f(r['mean_chi2_ndf']['before'], 2)} | "
+            f"{f(r['mean_chi2_ndf']['after'], 2)} | {r['min_p_value_after']:.3g} | {100 * r['band_coverage']:.0f} % |"
+        )
+    if per_flavour:
+        lines += ["", "## Per flavour against the true data response (chi2/ndf, k = 1)", "",
+                  "| flavour | " + " | ".join(f"{d} before / after" for d in DISCRIMINANTS) + " |",
+                  "| --- |" + " --- |" * len(DISCRIMINANTS)]
+        for flav, res in per_flavour.items():
+            lines.append(f"| {flav} | " + " | ".join(f"{f(v['before'], 2)} / {f(v['after'], 2)}" for v in res.values()) + " |")
+    lines += ["", "Plots: [plots/index.md](plots/index.md). What each number means: docs/methods.md.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The stage functions of :mod:`coffea_otcal.pipeline` (fill, em, ot, export; closure in report)."""
+
+from __future__ import annotations
+
+__all__ = ["STAGE_FUNCTIONS", "stage_config"]
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from coffea_otcal.pipeline import PipelineConfig, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+def _file_stamps(config: PipelineConfig) -> list[list[Any]]:
+    stamps = []
+    for ds in config.fill.datasets.values():
+        for f in ds.files:
+            p = Path(f)
+            stamps.append([f, p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else [f])
+    return stamps
+
+
+def stage_config(config: PipelineConfig, name: str) -> dict[str, Any]:
+    """The part of the configuration a stage depends on (hashed for the cache)."""
+    common = {"seed": config.seed}
+    if name == "fill":
+        return {**common, "fill": config.fill.model_dump(exclude={"output", "executor"}),
+                "files": _file_stamps(config)}
+    if name == "em":
+        return {**common, "em": config.em.model_dump(), "cond": config.em_conditional,
+                "crs": config.cr_names, "context": [c.model_dump() for c in config.context],
+                "targets": config.targets.model_dump()}
+    if name == "ot":
+        return {**common, "ot": config.ot.model_dump()}
+    if name == "export":
+        return {"export": config.export.model_dump()}
+    return {**common, "closure": config.closure.model_dump(), "vr": config.validation_regions}
+
+
+def _store(results: Mapping[str, StageResult]) -> Any:
+    from coffea_otcal.store import load_store
+
+    return load_store(results["fill"].folder / "store.parquet")
+
+
+def _checkpoint_dir(config: PipelineConfig, results: Mapping[str, StageResult], name: str,
+                    previous: str) -> Path:
+    """``OUT/checkpoints/<stage>/<stage digest>``: a changed setting never resumes a stale one."""
+    from coffea_otcal.pipeline import _hash
+
+    digest = _hash(name, stage_config(config, name), results[previous].digest)
+    return results["fill"].folder.parent / "checkpoints" / name / digest[:16]
+
+
+# ----------------------------------------------------------------------------- fill
+
+
+def run_fill_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+                   progress: bool, truth: Any) -> dict[str, Any]:
+    """Fill the control-region store (``store.parquet``)."""
+    from coffea_otcal.fill import run_fill
+
+    fill = config.fill.model_copy(update={"output": str(tmp / "store.parquet")})
+    report = run_fill(fill, progress=progress)
+    (tmp / "cutflow.txt").write_text(report.table() + "\n")
+    return {"n_jets": report.n_jets, "bad_files": len(report.bad_files)}
+
+
+# ----------------------------------------------------------------------------- em
+
+
+def region_data(config: PipelineConfig, store: Any, region: str, is_data: bool) -> Any:
+    """ILR coordinates, context, weights (and MC flavours) of one region's valid jets."""
+    from coffea_otcal.em import RegionData
+    from coffea_otcal.pipeline import context_arrays
+
+    sel = store.select(region=region, is_data=is_data)
+    if len(sel) == 0:
+        msg = f"region {region!r} has no {'data' if is_data else 'MC'} jets in the store"
+        raise ValueError(msg)
+    from coffea_otcal.geometry import ilr
+
+    kin = {name: sel.kin[:, i] for i, name in enumerate(store.kinematics)}
+    ctx = context_arrays(config, kin) if config.em_conditional else None
+    return RegionData(x=np.asarray(ilr(sel.probs)), context=ctx, weight=sel.weight,
+                      flavour=None if is_data else sel.flavour)
+
+
+def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+                 progress: bool, truth: Any) -> dict[str, Any]:
+    """EM fit, diagnostics, variations, OT targets and the EM plots."""
+    from coffea_otcal.em import fit_em
+    from coffea_otcal.em_diagnostics import compute_diagnostics
+    from coffea_otcal.em_plots import plot_em_report
+    from coffea_otcal.variations import build_targets, make_variations
+
+    store = _store(results)
+    crs = config.cr_names
+    data = {r: region_data(config, store, r, True) for r in crs}
+    mc = {r: region_data(config, store, r, False) for r in crs}
+    ckpt = _checkpoint_dir(config, results, "em", "fill")
+    result = fit_em(data, mc, config.em, device=config.device, seed=config.seed,
+                    progress=progress, checkpoint_dir=ckpt)
+    diagnostics = compute_diagnostics(result)
+    variations = make_variations(diagnostics)
+    if config.targets.max_variations is not None:
+        variations = sorted(variations, key=lambda v: -v.sigma)[: config.targets.max_variations]
+    targets = build_targets(result, mc, variations, method=config.targets.method,
+                            samples_per_source=config.targets.samples_per_source, seed=config.seed)
+    targets.save(tmp / "targets.npz")
+    result.save(tmp / "em_result.npz")
+    (tmp / "diagnostics.json").write_text(json.dumps(diagnostics.to_dict(), indent=1, default=float))
+    em_truth = truth.get("em") if truth else None
+    plot_em_report(result, tmp / "plots", truth=em_truth, diagnostics=diagnostics,
+                   variations=variations)
+    return {
+        "converged": bool(result.converged),
+        "iterations": int(result.n_iterations),
+        "fractions": np.asarray(result.fractions).round(4).tolist(),
+        "condition_number": float(diagnostics.condition_number),
+        "spectral_radius": float(diagnostics.spectral_radius),
+        "variations": [v.name for v in variations],
+        "seconds_fit": float(result.elapsed_s),
+    }
+
+
+# ----------------------------------------------------------------------------- ot
+
+
+def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+                 progress: bool, truth: Any) -> dict[str, Any]:
+    """Nominal and variation maps per flavour, assembled into ``bundle.json.gz``."""
+    from coffea_otcal.bundle import Bundle
+    from coffea_otcal.ot import fit_ot_map
+    from coffea_otcal.variations import Targets
+
+    store = _store(results)
+    targets = Targets.load(results["em"].folder / "targets.npz")
+    codes = dict(zip(targets.meta.classes, targets.meta.flavour_codes, strict=True))
+    nominal_cfg = config.ot.nominal
+    var_cfg = nominal_cfg.model_copy(update={
+        "steps": config.ot.variation_steps, "lr": config.ot.variation_lr,
+        "warmup_steps": 0, "patience": None, "eval_every": max(config.ot.variation_steps // 2, 1),
+    })
+    rng = np.random.default_rng(config.seed)
+    maps: dict[tuple[int, str], Any] = {}
+    metrics: dict[str, float] = {}
+    ckpt = _checkpoint_dir(config, results, "ot", "em")
+    for flav, tgt in targets.flavours.items():
+        code = codes[flav]
+        src_x, src_c, src_w = tgt.source_x, tgt.source_context, tgt.source_weight
+        if config.ot.max_source is not None and len(src_x) > config.ot.max_source:
+            keep = np.sort(rng.choice(len(src_x), config.ot.max_source, replace=False))
+            src_x, src_w = src_x[keep], src_w[keep]
+            src_c = None if src_c is None else src_c[keep]
+        y, yc, yw = tgt.target()
+        nominal = fit_ot_map(src_x, y, source_context=src_c, target_context=yc,
+                             source_weight=src_w, target_weight=yw, config=nominal_cfg,
+                             device=config.device, seed=config.seed, progress=progress,
+                             checkpoint_dir=ckpt, name=f"{flav}")
+        maps[(code, "nominal")] = nominal.export()
+        for key, value in (nominal.export().get("metrics") or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"{flav}/nominal/{key}"] = float(value)
+        for var in targets.meta.variations:
+            for direction in ("up", "down"):
+                y, yc, yw = tgt.target(var.name, direction)
+                fitted = fit_ot_map(src_x, y, source_context=src_c, target_context=yc,
+                                    source_weight=src_w, target_weight=yw, config=var_cfg,
+                                    device=config.device, seed=config.seed, progress=False,
+                                    init_from=nominal, name=f"{flav}/{var.name}_{direction}")
+                maps[(code, f"{var.name}_{direction}")] = fitted.export()
+    fill_meta = store.metadata
+    bundle = Bundle.from_maps(
+        maps,
+        classes=list(targets.meta.classes),
+        adapter=dict(fill_meta.adapter),
+        context_spec=[c.model_dump() for c in config.context],
+        variations_meta={v.name: v.meaning for v in targets.meta.variations},
+        provenance={"seed": config.seed, "config": json.loads(config.model_dump_json()),
+                    "metrics": metrics, "command": "coffea-otcal run"},
+        flavour_column=config.fill.flavour_column,
+    )
+    bundle.save(tmp / "bundle.json.gz")
+    return {"maps": len(maps), "variations": [v.name for v in targets.meta.variations]}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def run_export_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+                     progress: bool, truth: Any) -> dict[str, Any]:
+    """Export the bundle to correctionlib and measure its accuracy."""
+    from coffea_otcal.export_cli import export_bundle
+
+    res = export_bundle(results["ot"].folder / "bundle.json.gz", tmp / "correctionlib.json.gz",
+                        config.export, seed=config.seed, progress=progress)
+    summary = {"accuracy": res.accuracy.model_dump() if res.accuracy is not None else None}
+    (tmp / "export.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _closure(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
+             progress: bool, truth: Any) -> dict[str, Any]:
+    from coffea_otcal.report import run_closure_stage
+
+    return run_closure_stage(config, tmp, results, progress, truth)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "fill": run_fill_stage,
+    "em": run_em_stage,
+    "ot": run_ot_stage,
+    "export": run_export_stage,
+    "closure": _closure,
+}
