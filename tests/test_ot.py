@@ -342,3 +342,15 @@ def test_train_cli_writes_one_map_per_flavour(tmp_path):
         ]
     )
     assert code == 1
+
+
+def test_train_maps_names_flavour_without_targets():
+    from coffea_otcal.train_cli import train_maps
+
+    rng = np.random.default_rng(11)
+    src = {"z0": rng.normal(size=300), "z1": rng.normal(size=300), "f": np.repeat([5, 4], 150)}
+    tgt = {"z0": rng.normal(size=300), "z1": rng.normal(size=300), "f": np.full(300, 5)}
+    with pytest.raises(ValueError, match=r"flavour '4': 150 source rows but no target rows"):
+        train_maps(src, tgt, columns=["z0", "z1"], flavour_column="f", progress=False)
+    with pytest.raises(KeyError, match=r"columns \['zz'\] not found in source"):
+        train_maps(src, tgt, columns=["zz"], progress=False)

@@ -57,7 +57,7 @@ def _tiny(raw: dict[str, Any]) -> dict[str, Any]:
         batch_size=256,
     )
     raw["ot"]["variation_steps"] = 5
-    raw["targets"]["max_variations"] = 1
+    raw["ot"]["max_variations"] = 1
     raw["closure"].update(classifier_max_jets=400, kappas=[1.0], plot_control_regions=False)
     raw["export"].update(ilr_bins=4)
     return raw
@@ -408,7 +408,7 @@ def test_cli_run_example_config_fill_stage(
     shutil.copy(EXAMPLES / "pipeline.yaml", path)
     config = load_pipeline_config(path)
     assert config.cr_names == ["cr_b", "cr_c", "cr_light"]
-    assert config.targets.max_variations == 2
+    assert config.ot.max_variations == 2
     assert config.em.flow.dequantize_adapter == "deepjet"
     out = path.parent / "out"
     assert cli.main(["run", str(path), "-o", str(out), "--stages", "fill", "--no-progress"]) == 0

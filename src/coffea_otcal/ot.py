@@ -443,7 +443,7 @@ def fit_ot_map(
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    to = {"dtype": dtype, "device": dev}
+    to: dict[str, Any] = {"dtype": dtype, "device": dev}
     src = _split(xs, cx, wx, cfg, rng, to)
     tgt = _split(ys, cy, wy, cfg, rng, to)
     for label, (tr, _) in (("source", src), ("target", tgt)):

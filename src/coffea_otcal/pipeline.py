@@ -65,15 +65,15 @@ class TargetsConfig(_Model):
 
     method: Literal["flow", "responsibility"] = "flow"
     samples_per_source: int = Field(1, ge=1)
-    max_variations: int | None = Field(
-        None, ge=0, description="keep the N variations of largest variance (None: all)"
-    )
 
 
 class OTStageConfig(_Model):
     """OT training of the nominal maps and the warm-started variation maps."""
 
     nominal: OTConfig = Field(default_factory=lambda: OTConfig(steps=1500, patience=4))
+    max_variations: int | None = Field(
+        None, ge=0, description="train maps for the N variations of largest variance (None: all)"
+    )
     variation_steps: int = Field(300, ge=1, description="fine-tuning steps of a variation map")
     variation_lr: float = Field(2e-3, gt=0, description="peak learning rate of variation fine-tuning")
     max_source: int | None = Field(

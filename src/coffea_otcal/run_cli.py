@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["add_arguments", "add_demo_arguments", "demo_config", "run", "run_demo"]
+__all__ = [
+    "add_arguments", "add_demo_arguments", "demo_config", "demo_generator_config", "run", "run_demo",
+]
 
 import argparse
 import json
@@ -81,6 +83,10 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
                  "output": "store.parquet", "kinematics": ["pt", "eta"]},
         "validation_regions": ["vr"],
         "seed": seed,
+        # the demo's budget: a few minutes on a 2-core CPU (docs/methods.md lists what a
+        # production run changes: more EM iterations, longer OT training, all variations)
+        "em": {"max_iterations": 20},
+        "ot": {"nominal": {"steps": 800, "patience": 3}, "variation_steps": 100},
     }
     return load_pipeline_config(raw)
 
@@ -102,12 +108,23 @@ def _truth(sample: Any, seed: int, n: int = 40_000) -> dict[str, Any]:
     return {"per_flavour": per}
 
 
+def demo_generator_config(seed: int, scale: float = 1.0) -> Any:
+    """The demo sample: Kim & Yang Table 1 control regions of 30k jets, a 30k-jet 1:1:1 VR."""
+    from coffea_otcal.generator import GeneratorConfig, default_regions
+
+    regions = {
+        name: region.model_copy(update={"n_jets": 30_000})
+        for name, region in default_regions().items()
+    }
+    return GeneratorConfig(seed=seed, scale=scale, regions=regions)
+
+
 def run_demo(out: Path, scale: float = 1.0, seed: int = 1, progress: bool = True) -> Any:
     """Generate a sample with known truth and run the whole chain on it."""
-    from coffea_otcal.generator import GeneratedSample, GeneratorConfig, generate
+    from coffea_otcal.generator import GeneratedSample, generate
 
     sample_dir = out / "sample"
-    gen_cfg = GeneratorConfig(seed=seed, scale=scale)
+    gen_cfg = demo_generator_config(seed, scale)
     try:
         sample = GeneratedSample.load(sample_dir)
         if sample.config != gen_cfg:

@@ -110,8 +110,6 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                     progress=progress, checkpoint_dir=ckpt)
     diagnostics = compute_diagnostics(result)
     variations = make_variations(diagnostics)
-    if config.targets.max_variations is not None:
-        variations = sorted(variations, key=lambda v: -v.sigma)[: config.targets.max_variations]
     targets = build_targets(result, mc, variations, method=config.targets.method,
                             samples_per_source=config.targets.samples_per_source, seed=config.seed)
     targets.save(tmp / "targets.npz")
@@ -150,6 +148,9 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         "warmup_steps": 0, "patience": None, "eval_every": max(config.ot.variation_steps // 2, 1),
     })
     rng = np.random.default_rng(config.seed)
+    variations = list(targets.meta.variations)
+    if config.ot.max_variations is not None:
+        variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
     maps: dict[tuple[int, str], Any] = {}
     metrics: dict[str, float] = {}
     ckpt = _checkpoint_dir(config, results, "ot", "em")
@@ -169,7 +170,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         for key, value in (nominal.export().get("metrics") or {}).items():
             if isinstance(value, (int, float)):
                 metrics[f"{flav}/nominal/{key}"] = float(value)
-        for var in targets.meta.variations:
+        for var in variations:
             for direction in ("up", "down"):
                 y, yc, yw = tgt.target(var.name, direction)
                 fitted = fit_ot_map(src_x, y, source_context=src_c, target_context=yc,
@@ -183,13 +184,13 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         classes=list(targets.meta.classes),
         adapter=dict(fill_meta.adapter),
         context_spec=[c.model_dump() for c in config.context],
-        variations_meta={v.name: v.meaning for v in targets.meta.variations},
+        variations_meta={v.name: v.meaning for v in variations},
         provenance={"seed": config.seed, "config": json.loads(config.model_dump_json()),
                     "metrics": metrics, "command": "coffea-otcal run"},
         flavour_column=config.fill.flavour_column,
     )
     bundle.save(tmp / "bundle.json.gz")
-    return {"maps": len(maps), "variations": [v.name for v in targets.meta.variations]}
+    return {"maps": len(maps), "variations": [v.name for v in variations]}
 
 
 # ----------------------------------------------------------------------------- export
