@@ -95,6 +95,19 @@ def test_out_of_range_values_are_flagged_not_clipped():
     np.testing.assert_allclose(probs[2], [1.0, 0.0, 0.0])
 
 
+def test_b_of_exactly_one_keeps_the_cvl_information():
+    ad = get_adapter("deepjet", vertex_gap=2.0**-13)
+    probs, _ = ad.to_simplex(
+        {"btagDeepFlavB": [1.0, 1.0], "btagDeepFlavCvL": [0.9, 0.1], "btagDeepFlavCvB": [0.0, 0.0]}
+    )
+    np.testing.assert_allclose(g.d_cl(probs), [0.9, 0.1], rtol=1e-9)
+    np.testing.assert_allclose(probs[:, 0], 1.0 - 2.0**-13)
+    off, _ = get_adapter("deepjet").to_simplex(
+        {"btagDeepFlavB": [1.0], "btagDeepFlavCvL": [0.9], "btagDeepFlavCvB": [0.0]}
+    )
+    np.testing.assert_allclose(off, [[1.0, 0.0, 0.0]])
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown tagger adapter 'foo'"):
         get_adapter("foo")

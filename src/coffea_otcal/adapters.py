@@ -7,6 +7,12 @@ Two families cover the taggers analysts use:
   ``CvB = c / (c + B)``. The simplex point in class order ``(b, c, light)`` is
   :math:`p_b = B,\ p_c = \mathrm{CvL}(1 - B),\ p_\ell = (1 - \mathrm{CvL})(1 - B)`
   (``../shared/data/nanoaod/README.md``); ``CvB`` is written back but not read.
+  NanoAOD stores B with 10 mantissa bits, so every B above :math:`1 - 2^{-12}` is stored as
+  exactly 1, which sets :math:`p_c = p_\ell = 0` and erases the CvL information of the
+  most b-like jets. With ``vertex_gap > 0`` a stored B of exactly 1 is read as
+  :math:`1 - B = ` ``vertex_gap`` (e.g. :math:`2^{-13}`, the centre of its rounding cell) and
+  CvL splits that gap. It is off by default: on the demo sample it made the b-jet closure
+  worse (the jets then form a thin filament in ILR that the flows and maps follow poorly).
 * **probabilities** (ATLAS GN2 / DL1d ``pb, pc, pu``, or any user columns): the columns
   are the class probabilities; a sub-composition (e.g. GN2 without ``ptau``) is re-closed.
 
@@ -41,6 +47,8 @@ class TaggerAdapter:
             (trio: B, CvL, CvB; probabilities: one column per class).
         classes: class names in simplex order, e.g. ``("b", "c", "light")``.
         tolerance: how far outside ``[0, 1]`` a stored value may lie (float rounding).
+        vertex_gap: trio family: the value of ``1 - B`` used where the file stores B = 1
+            exactly (0 disables it).
         options: the keyword options the adapter was built with (for provenance).
 
     Example:
@@ -58,6 +66,7 @@ class TaggerAdapter:
     classes: tuple[str, ...]
     tolerance: float = 1e-6
     options: dict[str, Any] = field(default_factory=dict)
+    vertex_gap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind == "trio" and (len(self.columns) != 3 or len(self.classes) != 3):
@@ -109,7 +118,8 @@ class TaggerAdapter:
         clean = np.where(valid[:, None], np.clip(raw, 0.0, 1.0), 0.5)
         if self.kind == "trio":
             b, cvl = clean[:, 0], clean[:, 1]
-            probs = np.stack([b, cvl * (1.0 - b), (1.0 - cvl) * (1.0 - b)], axis=-1)
+            rest = np.where(b >= 1.0, self.vertex_gap, 1.0 - b)
+            probs = np.stack([1.0 - rest, cvl * rest, (1.0 - cvl) * rest], axis=-1)
         else:
             total = clean.sum(axis=-1, keepdims=True)
             valid &= total[:, 0] > 0
@@ -145,13 +155,17 @@ class TaggerAdapter:
 
 def _trio(name: str, prefix: str) -> Callable[..., TaggerAdapter]:
     def build(
-        columns: Sequence[str] | None = None, tolerance: float = 1e-6, **unknown: Any
+        columns: Sequence[str] | None = None,
+        tolerance: float = 1e-6,
+        vertex_gap: float = 0.0,
+        **unknown: Any,
     ) -> TaggerAdapter:
         _refuse_unknown(name, unknown)
         cols = tuple(columns) if columns else (f"{prefix}B", f"{prefix}CvL", f"{prefix}CvB")
         return TaggerAdapter(
             name, "trio", cols, ("b", "c", "light"), tolerance,
-            {"columns": list(cols), "tolerance": tolerance},
+            {"columns": list(cols), "tolerance": tolerance, "vertex_gap": vertex_gap},
+            vertex_gap,
         )
 
     return build
