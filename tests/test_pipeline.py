@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -58,6 +59,7 @@ def _tiny(raw: dict[str, Any]) -> dict[str, Any]:
     )
     raw["ot"]["variation_steps"] = 5
     raw["ot"]["max_variations"] = 1
+    raw["em_conditional"] = True  # the conditional path: PICNN maps, kinematic export inputs
     raw["closure"].update(classifier_max_jets=400, kappas=[1.0], plot_control_regions=False)
     raw["export"].update(ilr_bins=4)
     return raw
@@ -481,3 +483,25 @@ def test_example_pipeline_closes_on_a_larger_sample(tmp_path: Path) -> None:
     assert summary["rho_baseline"] < 1.0
     accuracy = json.loads((result.stages["export"].folder / "export.json").read_text())
     assert accuracy["accuracy"]["rms_prob"] < 0.02
+
+
+def test_unconditional_default_gives_context_free_maps(
+    raw_config: dict[str, Any], finished: PipelineResult, tmp_path: Path
+) -> None:
+    """em_conditional=False (the default): ICNN maps, no kinematic export inputs, a report."""
+    import correctionlib
+
+    raw = copy.deepcopy(raw_config)
+    raw["em_conditional"] = False
+    config = PipelineConfig.model_validate(raw)
+    out = _copy_run(finished, tmp_path)  # reuse the fill stage of the conditional run
+    result = run_pipeline(config, out, progress=False)
+    assert result.stages["fill"].cached and not result.stages["em"].cached
+    bundle = Bundle.load(result.bundle)
+    assert bundle.context == []
+    assert {m.map.potential.kind for m in bundle.maps} == {"icnn"}
+    cset = correctionlib.CorrectionSet.from_file(str(result.correctionlib))
+    z = [cset[k].evaluate("central", 4, 0.3, -0.2) for k in ("otcal_deepjet_z1", "otcal_deepjet_z2")]
+    assert np.all(np.isfinite(z))
+    report = json.loads((result.stages["closure"].folder / "report.json").read_text())
+    assert 0.0 <= report["summary"]["auc_after"] <= 1.0

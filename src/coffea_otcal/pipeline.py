@@ -102,7 +102,12 @@ class PipelineConfig(_Model):
     validation_regions: list[str] = Field(default_factory=lambda: ["vr"])
     context: list[ContextSpec] = Field(default_factory=_default_context)
     em: EMConfig = Field(default_factory=EMConfig)
-    em_conditional: bool = Field(True, description="condition the EM flows on the context")
+    em_conditional: bool = Field(
+        False,
+        description="condition the EM flows (and so the OT maps) on the context; off by default: "
+        "on the generated samples conditioning let the fractions slide further (docs/em.md) and "
+        "closed worse (docs/methods.md)",
+    )
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
     ot: OTStageConfig = Field(default_factory=OTStageConfig)
     export: ExportGrid = Field(default_factory=ExportGrid)

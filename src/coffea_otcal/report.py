@@ -122,8 +122,10 @@ def _calibrate_region(cal: Any, probs: np.ndarray, flavour: np.ndarray,
     return out
 
 
-def _baseline_ratios(config: PipelineConfig, results: Mapping[str, StageResult]) -> dict[int, Any]:
-    """Vertical baseline: per flavour, a density ratio MC -> EM data target."""
+def _baseline_ratios(
+    config: PipelineConfig, results: Mapping[str, StageResult]
+) -> tuple[dict[int, Any], bool]:
+    """Vertical baseline: per flavour, a density ratio MC -> EM data target (and if it uses context)."""
     from coffea_otcal.variations import Targets
     from coffea_otcal.vertical import fit_density_ratio
 
@@ -135,7 +137,8 @@ def _baseline_ratios(config: PipelineConfig, results: Mapping[str, StageResult])
         y, yc, yw = tgt.target()
         dst = np.concatenate([y, yc], axis=1) if yc is not None else y
         ratios[codes[flav]] = fit_density_ratio(src, dst, tgt.source_weight, yw, seed=config.seed)
-    return ratios
+    with_context = any(t.source_context is not None for t in targets.flavours.values())
+    return ratios, with_context
 
 
 def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
@@ -153,7 +156,7 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
     cal = Calibrator(bundle)
     cc = config.closure
     rng = np.random.default_rng(config.seed)
-    ratios = _baseline_ratios(config, results) if cc.baseline else {}
+    ratios, ratio_context = _baseline_ratios(config, results) if cc.baseline else ({}, False)
     plots: list[Path] = []
     regions: dict[str, Any] = {}
     arrows_before: dict[str, np.ndarray] = {}
@@ -173,7 +176,8 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
         for code, ratio in ratios.items():
             m = mc.flavour == code
             if m.any():
-                s[m] = ratio(_features(mc.probs[m], ctx_mc[m]))
+                ctx_m = ctx_mc[m] if ratio_context else np.zeros((int(m.sum()), 0))
+                s[m] = ratio(_features(mc.probs[m], ctx_m))
         w_base = mc.weight * s
         hists: dict[str, Any] = {}
         inside = used = 0

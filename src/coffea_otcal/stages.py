@@ -183,7 +183,9 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         maps,
         classes=list(targets.meta.classes),
         adapter=dict(fill_meta.adapter),
-        context_spec=[c.model_dump() for c in config.context],
+        # unconditional EM flows give unconditional targets, hence context-free maps (ICNN)
+        context_spec=[c.model_dump() for c in config.context]
+        if any(t.source_context is not None for t in targets.flavours.values()) else [],
         variations_meta={v.name: v.meaning for v in variations},
         provenance={"seed": config.seed, "config": json.loads(config.model_dump_json()),
                     "metrics": metrics, "command": "coffea-otcal run"},
