@@ -8,6 +8,7 @@ __all__ = [
     "RegionData",
     "atomic_savez",
     "fractions_from_logits",
+    "load_npz_with_meta",
     "logits_from_fractions",
     "responsibilities",
     "writer_info",
@@ -181,12 +182,7 @@ class EMResult:
         from coffea_otcal.flows import FlavourFlows, state_from_numpy
 
         path = Path(path)
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        if "meta" not in arrays:
-            msg = f"{path} is not an EM result file (no 'meta' entry)"
-            raise ValueError(msg)
-        meta = json.loads(str(arrays["meta"]))
+        arrays, meta = load_npz_with_meta(path, "an EM result file")
         if meta.get("schema") != "coffea-otcal-em-result":
             msg = f"{path} has schema {meta.get('schema')!r}, expected 'coffea-otcal-em-result'"
             raise ValueError(msg)
@@ -244,6 +240,16 @@ def atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with tmp.open("wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def load_npz_with_meta(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read an ``.npz`` written with :func:`atomic_savez` and parse its JSON ``meta`` entry."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if "meta" not in arrays:
+        msg = f"{path} is not {what} (no 'meta' entry)"
+        raise ValueError(msg)
+    return arrays, json.loads(str(arrays["meta"]))
 
 
 def responsibilities(log_q: np.ndarray, log_pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

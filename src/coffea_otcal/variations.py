@@ -13,7 +13,6 @@ __all__ = [
     "variation_weights",
 ]
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from coffea_otcal.em_diagnostics import EMDiagnostics, logit_jacobian, proxy_delta_log_q
-from coffea_otcal.em_result import EMResult, RegionData, atomic_savez, writer_info
+from coffea_otcal.em_result import (
+    EMResult,
+    RegionData,
+    atomic_savez,
+    load_npz_with_meta,
+    writer_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -269,12 +274,7 @@ class Targets:
     def load(cls, path: str | os.PathLike[str]) -> Targets:
         """Read a file written by :meth:`save`; refuses other schemas and versions."""
         path = Path(path)
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        if "meta" not in arrays:
-            msg = f"{path} is not a coffea-otcal targets file (no 'meta' entry)"
-            raise ValueError(msg)
-        raw = json.loads(str(arrays["meta"]))
+        arrays, raw = load_npz_with_meta(path, "a coffea-otcal targets file")
         if raw.get("schema_version") != TARGETS_SCHEMA_VERSION:
             msg = (
                 f"{path}: targets schema_version {raw.get('schema_version')!r} is not "
