@@ -3,11 +3,14 @@
 Run:  python benchmarks/bench_apply.py [--jets 1000000] [--scale 0.2] [--repeat 3] [--skip-dask]
 
 Prints four tables:
-1. applier throughput (1 thread) for a d = 2 PICNN map with context: kernel only and the
-   full per-jet path (adapter -> ILR -> map -> inverse ILR -> tagger columns), nominal only,
-   and the cost of each extra variation (two maps: up and down);
+1. applier throughput (1 thread) for d = 2 maps: the default PICNN with context (hidden
+   (16, 16), trunk (8, 8), ``ot.default_hidden``), the default context-free ICNN (32, 32)
+   of the demo, and the larger PICNN (32, 32) / trunk (32, 32) measured before: kernel only
+   and the full per-jet path (adapter -> ILR -> map -> inverse ILR -> tagger columns),
+   nominal only, and the cost of each extra variation (two maps: up and down);
 2. skim wall time of the generated NanoAOD, calibrated (nominal + all variations) vs the
-   same skim without calibration (eager iterative executor), median of --repeat runs;
+   same skim without calibration (eager iterative executor), median of --repeat
+   interleaved runs, for the default PICNN and the larger PICNN maps;
 3. 2-worker LocalCluster skim vs eager: identical parts and wall time;
 4. MALLOC_TRIM_THRESHOLD_ of dask workers: NanoEvents file opening time on a worker.
 """
@@ -37,30 +40,49 @@ CONTEXT = [
 ]
 
 
-def make_bundle(hidden: tuple[int, ...], n_context: int, variations: list[str]):
-    """A bundle of random PICNN maps (speed does not depend on the weights' values)."""
+#: (label, hidden, context trunk, number of context variables) of the benchmarked maps.
+MAPS = [
+    ("PICNN (16, 16) trunk (8, 8), context 2 [default with context]", (16, 16), (8, 8), 2),
+    ("ICNN (32, 32), no context [demo default]", (32, 32), None, 0),
+    ("PICNN (32, 32) trunk (32, 32), context 2", (32, 32), (32, 32), 2),
+]
+
+
+def make_bundle(
+    hidden: tuple[int, ...],
+    n_context: int,
+    variations: list[str],
+    trunk: tuple[int, ...] | None = None,
+):
+    """A bundle of random (P)ICNN maps (speed does not depend on the weights' values)."""
     import torch
 
     from coffea_otcal.bundle import Bundle
-    from coffea_otcal.potentials import PICNN, PICNNConfig
+    from coffea_otcal.potentials import ICNN, PICNN, ICNNConfig, PICNNConfig
 
     torch.set_num_threads(1)
     names = ["nominal", *(f"{v}_{d}" for v in variations for d in ("up", "down"))]
     maps = {}
     for i, code in enumerate((5, 4, 0)):
         for j, name in enumerate(names):
-            net = PICNN(PICNNConfig(dim=2, context_dim=n_context, hidden=hidden), seed=10 * i + j)
+            pre = {"shift": [0.0, 0.0], "scale": 1.5}
+            if n_context:
+                net = PICNN(
+                    PICNNConfig(dim=2, context_dim=n_context, hidden=hidden, context_hidden=trunk),
+                    seed=10 * i + j,
+                )
+                pre |= {
+                    "context_shift": [4.0, 1.0][:n_context],
+                    "context_scale": [0.8, 0.7][:n_context],
+                }
+            else:
+                net = ICNN(ICNNConfig(dim=2, hidden=hidden), seed=10 * i + j)
             maps[(code, name)] = {
                 "format": "coffea-otcal.fitted-map",
                 "version": 1,
                 "name": f"{code}/{name}",
                 "potential": net.export(),
-                "preprocessing": {
-                    "shift": [0.0, 0.0],
-                    "scale": 1.5,
-                    "context_shift": [4.0, 1.0][:n_context],
-                    "context_scale": [0.8, 0.7][:n_context],
-                },
+                "preprocessing": pre,
             }
     return Bundle.from_maps(
         maps,
@@ -107,13 +129,13 @@ def bench_applier(n_jets: int, repeat: int) -> None:
     )
     print("| --- | --- | --- | --- | --- |")
     cols = random_columns(n_jets)
-    for hidden, n_ctx in (((32, 32), 2), ((32, 32), 1), ((16, 16), 1)):
-        bundle = make_bundle(hidden, n_ctx, ["v1", "v2"])
+    for label, hidden, trunk, n_ctx in MAPS:
+        bundle = make_bundle(hidden, n_ctx, ["v1", "v2"], trunk)
         for dtype in ("float64", "float32"):
             cal = Calibrator(bundle, dtype=dtype)
             fmap = cal.fitted_map(5)
             z = ilr(cal.adapter.to_simplex(cols)[0])
-            ctx = transform_context(bundle.context, cols)[0]
+            ctx = transform_context(bundle.context, cols)[0] if n_ctx else None
             with threadpool_limits(1):
                 t_kernel = best_time(partial(fmap.transport, z, ctx), repeat)
                 t_nom = best_time(partial(cal.calibrate_columns, cols, variations=[]), repeat)
@@ -122,10 +144,53 @@ def bench_applier(n_jets: int, repeat: int) -> None:
                 )
             per_var = (t_two - t_nom) / 2 / (n_jets / 1e6)
             print(
-                f"| PICNN {hidden}, context {n_ctx} | {dtype} | {n_jets / t_kernel / 1e6:.2f} | "
+                f"| {label} | {dtype} | {n_jets / t_kernel / 1e6:.2f} | "
                 f"{n_jets / t_nom / 1e6:.2f} | {per_var:.3f} |"
             )
             sys.stdout.flush()
+
+
+_BLAS_PROBE = """
+import contextlib, json, sys, time
+sys.path.insert(0, {bench!r})
+import numpy as np
+import coffea_otcal.applier as applier
+from bench_apply import make_bundle, random_columns
+cal = applier.Calibrator(make_bundle((16, 16), 2, ["v1", "v2"], (8, 8)))
+cols = random_columns(9000)
+out = {{}}
+for label in ("library limit (one_blas_thread)", "OpenBLAS default threads"):
+    if label.startswith("OpenBLAS"):
+        applier.one_blas_thread = contextlib.nullcontext
+    cal.calibrate_columns(cols)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range({reps}):
+        cal.calibrate_columns(cols)
+    out[label] = ((time.perf_counter() - start) / {reps}, (time.process_time() - cpu) / {reps})
+print(json.dumps(out))
+"""
+
+
+def bench_blas_threads(reps: int) -> None:
+    """Chunk of 9000 MC jets, 5 maps, in a process WITHOUT the *_NUM_THREADS variables."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    code = _BLAS_PROBE.format(bench=str(Path(__file__).parent), reps=reps)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    times = json.loads(res.stdout.strip().splitlines()[-1])
+    print(
+        f"\n## 1b. BLAS threads: one chunk of 9,000 MC jets, 5 maps (PICNN (16, 16) trunk "
+        f"(8, 8)), float64, in a process without OMP/OPENBLAS_NUM_THREADS, mean of {reps}"
+    )
+    print("| BLAS threads during the block products | wall [ms] per chunk | CPU [ms] per chunk |")
+    print("| --- | --- | --- |")
+    for label, (wall, cpu) in times.items():
+        print(f"| {label} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} |")
+    sys.stdout.flush()
 
 
 def skim_dir(files: list[Path], bundle_path: Path, out: Path, **kw) -> tuple[float, float, dict]:
@@ -143,35 +208,47 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
     sample = generate(GeneratorConfig(seed=2, scale=scale), tmp / "gen", progress=False)
     files = sorted(Path(f.path) for f in sample.files)
     n_jets = sum(f.n_jets for f in sample.files)
-    bundle = make_bundle((32, 32), 2, ["comp", "shape"])
+    bundle = make_bundle((16, 16), 2, ["comp", "shape"], (8, 8))
     bundle_path = bundle.save(tmp / "bundle.json.gz")
+    big_path = make_bundle((32, 32), 2, ["comp", "shape"], (32, 32)).save(tmp / "big.json.gz")
     print(
         f"\n## 2. Skim of the generated NanoAOD: {len(files)} files, {n_jets:,} jets, "
         f"chunksize {chunksize}, eager iterative executor, {len(bundle.map_names)} maps per "
-        f"flavour (nominal + {len(bundle.variations)} variations), PICNN (32, 32) with 2 "
-        f"context variables, parquet output, median of {repeat} interleaved runs"
+        f"flavour (nominal + {len(bundle.variations)} variations) with 2 context variables, "
+        f"parquet output, median of {repeat} interleaved runs"
     )
     runs = {
         "without calibration": {"calibrate": False},
         "calibrated, float64 maps": {"precision": "float64"},
         "calibrated, float32 maps": {"precision": "float32"},
+        "calibrated, float64 maps, PICNN (32, 32) trunk (32, 32)": {
+            "precision": "float64",
+            "bundle_path": big_path,
+        },
+        "calibrated, float32 maps, PICNN (32, 32) trunk (32, 32)": {
+            "precision": "float32",
+            "bundle_path": big_path,
+        },
     }
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     manifest: dict = {}
     for _ in range(repeat):  # interleaved so every variant sees the same machine load
         for label, kw in runs.items():
+            options = dict(kw)
+            path = options.pop("bundle_path", bundle_path)
             wall, cpu, man = skim_dir(
                 files,
-                bundle_path,
-                tmp / label.replace(" ", "_").replace(",", ""),
+                path,
+                tmp / "".join(ch if ch.isalnum() else "_" for ch in label),
                 chunksize=chunksize,
-                **kw,
+                **options,
             )
             times[label].append((wall, cpu))
             if label == "calibrated, float64 maps":
                 manifest = man
     ref_wall = statistics.median(w for w, _ in times["without calibration"])
     ref_cpu = statistics.median(c for _, c in times["without calibration"])
+    print("(maps: PICNN (16, 16) trunk (8, 8), the default with context, unless named)")
     print("| skim | wall [s] | CPU [s] | jets/s (wall) | ratio wall | ratio CPU |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, vals in times.items():
@@ -190,7 +267,7 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
     t_dask, _, man_dask = skim_dir(
         files, bundle_path, tmp / "dask", chunksize=chunksize, executor="dask", workers=2
     )
-    eager_dir = tmp / "calibrated_float64_maps"
+    eager_dir = tmp / "calibrated__float64_maps"
     diffs = [compare_parts(eager_dir / p, tmp / "dask" / p) for p in manifest["parts"]]
     same = man_dask["parts"] == manifest["parts"] and all(d == 0.0 for d in diffs)
     print(f"max |eager - dask| per part over all leaf columns: {diffs}")
@@ -300,6 +377,7 @@ def main() -> int:
     )
     if args.only in (None, "applier"):
         bench_applier(args.jets, args.repeat)
+        bench_blas_threads(20)
     if args.only in (None, "skim"):
         with tempfile.TemporaryDirectory(prefix="bench_apply_") as tmp:
             bench_skims(args.scale, args.repeat, args.chunksize, args.skip_dask, Path(tmp))

@@ -60,6 +60,10 @@ def main() -> None:
         ),
         ("icnn d=128 [256,256,128]", ICNN(ICNNConfig(dim=128, hidden=(256, 256, 128))), 128, 0),
     ]
+    print(
+        f"# bench_map_speed ({time.strftime('%Y-%m-%d %H:%M:%S')}, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, n = {args.n:,})"
+    )
     print("| potential | dtype | call | points / CPU-second (1 thread) |")
     print("| --- | --- | --- | --- |")
     for label, net, dim, kdim in cases:

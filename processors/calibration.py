@@ -24,8 +24,10 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_EVENT_FIELDS",
     "DEFAULT_JET_FIELDS",
+    "PARQUET_OPTIONS",
     "CalibrationProcessor",
     "add_calibrated_columns",
+    "skim_columns",
     "skim_record",
     "write_skim_part",
 ]
@@ -49,6 +51,16 @@ DEFAULT_EVENT_FIELDS = ("run", "luminosityBlock", "event")
 DEFAULT_JET_FIELDS = ("pt", "eta", "phi", "mass")
 
 SkimFormat = Literal["parquet", "root"]
+
+#: ``ak.to_parquet`` options of skim parts. The calibrated float64 columns have random low
+#: mantissa bits that zstd barely compresses: byte-stream-split + lz4 writes a calibrated
+#: part in 0.6x the CPU time of awkward's default (zstd, extension types) at 3% fewer bytes
+#: (a reference part: +6% bytes). Plain arrow types read back to the same awkward type.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "extensionarray": False,
+    "compression": "lz4",
+    "parquet_byte_stream_split": True,
+}
 
 
 def _as_calibrator(bundle: Bundle | Calibrator | str | os.PathLike[str]) -> Calibrator:
@@ -162,6 +174,80 @@ def skim_record(
     return record
 
 
+def skim_columns(
+    events: Any,
+    calibrator: Calibrator | None,
+    *,
+    tagger_columns: Sequence[str],
+    flavour_column: str,
+    is_data: bool,
+    collection: str = "Jet",
+    variations: Sequence[str] | None = None,
+    jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
+    event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+    flat_names: bool = False,
+) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """Skim record of one chunk from flat columns: flatten once, numpy, build the layout once.
+
+    Arguments:
+        events: NanoEvents (or any events with a jagged jet collection).
+        calibrator: calibrates the jets; None writes the reference skim.
+        tagger_columns: the tagger fields kept.
+        flavour_column: the truth-flavour field kept when present.
+        is_data: data jets are never moved.
+        collection: the jet collection.
+        variations: variation names (None: all).
+        jet_fields: extra jet fields kept when present.
+        event_fields: event-level fields kept when present.
+        flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
+
+    Returns:
+        ``({event field: array, collection: jagged jet record}, status counts or None)``,
+        the record identical to :func:`skim_record` after :func:`add_calibrated_columns`.
+    """
+    from coffea_otcal.applier import jet_record
+
+    jets = events[collection]
+    base = list(dict.fromkeys([*jet_fields, flavour_column, *tagger_columns]))
+    needed: tuple[str, ...] = ()
+    if calibrator is not None:
+        needed = calibrator.columns if is_data else calibrator.input_columns
+        missing = [c for c in needed if c not in jets.fields]
+        if missing:
+            msg = (
+                f"jet fields {missing} needed by the bundle are missing; available: "
+                f"{sorted(jets.fields)[:60]}"
+            )
+            raise KeyError(msg)
+    wanted = [f for f in dict.fromkeys([*base, *needed]) if f in jets.fields]
+    flat = {f: ak.to_numpy(ak.flatten(ak.without_parameters(jets[f]), axis=1)) for f in wanted}
+    fields: dict[str, Any] = {f: flat[f] for f in base if f in flat}
+    flags = None
+    if calibrator is not None:
+        out = calibrator.calibrate_columns(
+            {c: flat[c] for c in needed}, is_data=is_data, variations=variations
+        )
+        flags = status_counts(out["otcal_status"], out["otcal_clamped"])
+        fields.update(out)
+    if flat_names:
+        fields = _flat_names(fields)
+    record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
+    record[collection] = jet_record(fields, ak.to_numpy(ak.num(jets, axis=1)))
+    return record, flags
+
+
+def _flat_names(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"OTCAL_v": {"up": {"col": a}}}`` -> ``{"OTCAL_v_up_col": a}`` (ROOT branches are flat)."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        key = f"{prefix}_{name}" if prefix else name
+        if isinstance(value, dict):
+            out.update(_flat_names(value, key))
+        else:
+            out[key] = value
+    return out
+
+
 def _part_name(metadata: dict[str, Any], suffix: str) -> str:
     stem = Path(str(metadata.get("filename", "chunk"))).name.split(".")[0]
     dataset = str(metadata.get("dataset", stem))
@@ -188,7 +274,7 @@ def write_skim_part(record: dict[str, Any], path: str | os.PathLike[str], fmt: S
     tmp = Path(tmp_name)
     try:
         if fmt == "parquet":
-            ak.to_parquet(ak.zip(record, depth_limit=1), tmp)
+            ak.to_parquet(ak.zip(record, depth_limit=1), tmp, **PARQUET_OPTIONS)
         elif fmt == "root":
             import uproot
 
@@ -275,6 +361,8 @@ class CalibrationProcessor(ProcessorABC):
         if is_data is None:
             is_data = _detect_is_data(events, jets, self.calibrator, self.data_datasets)
         counts: dict[str, Any] = {"events": len(events), "jets": int(ak.sum(ak.num(jets)))}
+        if self.inner is None and self.output_dir is not None:
+            return self._skim(events, jets, is_data, counts)
         if self.calibrate:
             events = add_calibrated_columns(
                 events,
@@ -308,6 +396,39 @@ class CalibrationProcessor(ProcessorABC):
         if isinstance(result, dict):
             result = {**result, "otcal": counts}
         return result
+
+    def _skim(
+        self, events: Any, jets: Any, is_data: bool, counts: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Skim-only chunk: calibrate flat columns and build the part's record directly.
+
+        Same columns, order and types as :func:`add_calibrated_columns` followed by
+        :func:`skim_record`, without one NanoEvents assignment per new field and without
+        ``ak.zip`` broadcasting (:func:`~coffea_otcal.applier.jet_record`). The reference
+        skim (``calibrate=False``) takes the same route, so the cost ratio compares like
+        with like.
+        """
+        record, flags = skim_columns(
+            events,
+            self.calibrator if self.calibrate else None,
+            tagger_columns=self.calibrator.columns,
+            flavour_column=self.calibrator.flavour_column,
+            is_data=is_data,
+            collection=self.collection,
+            variations=self.variations,
+            jet_fields=self.jet_fields,
+            event_fields=self.event_fields,
+            flat_names=self.fmt == "root",
+        )
+        if flags is not None:
+            counts["clamped"] = flags.pop("clamped")
+            counts["status"] = flags
+        assert self.output_dir is not None
+        suffix = ".parquet" if self.fmt == "parquet" else ".root"
+        name = _part_name(dict(getattr(events, "metadata", None) or {}), suffix)
+        counts["bytes"] = write_skim_part(record, Path(self.output_dir) / name, self.fmt)
+        counts["parts"] = [name]
+        return counts
 
     def postprocess(self, accumulator: Any) -> Any:
         """Sort the part names (chunks finish in any order) and pass the rest through."""

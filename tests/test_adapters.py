@@ -95,17 +95,64 @@ def test_out_of_range_values_are_flagged_not_clipped():
     np.testing.assert_allclose(probs[2], [1.0, 0.0, 0.0])
 
 
-def test_b_of_exactly_one_keeps_the_cvl_information():
-    ad = get_adapter("deepjet", vertex_gap=2.0**-13)
-    probs, _ = ad.to_simplex(
-        {"btagDeepFlavB": [1.0, 1.0], "btagDeepFlavCvL": [0.9, 0.1], "btagDeepFlavCvB": [0.0, 0.0]}
-    )
-    np.testing.assert_allclose(g.d_cl(probs), [0.9, 0.1], rtol=1e-9)
-    np.testing.assert_allclose(probs[:, 0], 1.0 - 2.0**-13)
-    off, _ = get_adapter("deepjet").to_simplex(
-        {"btagDeepFlavB": [1.0], "btagDeepFlavCvL": [0.9], "btagDeepFlavCvB": [0.0]}
-    )
-    np.testing.assert_allclose(off, [[1.0, 0.0, 0.0]])
+def test_saturated_b_takes_the_b_to_c_ratio_from_cvb():
+    # B stored as exactly 1: 1 - B is lost, CvB = c / (c + b) keeps p_c / p_b
+    ad = get_adapter("deepjet", mantissa_bits=10)
+    pc, pl = 2.0e-4, 1.0e-7
+    pb = 1.0 - pc - pl
+    cols = {"btagDeepFlavB": [1.0], "btagDeepFlavCvL": [pc / (pc + pl)],
+            "btagDeepFlavCvB": [pc / (pc + pb)]}
+    probs, valid = ad.to_simplex(cols)
+    assert valid.all()
+    np.testing.assert_allclose(probs[0], [pb, pc, pl], rtol=1e-9)
+    # without mantissa_bits (float32 storage) a B of exactly 1 still takes the CvB route
+    np.testing.assert_allclose(get_adapter("deepjet").to_simplex(cols)[0][0], [pb, pc, pl], rtol=1e-9)
+
+
+def test_cvb_route_agrees_with_b_route_on_real_nanoaod():
+    ad = get_adapter("deepjet")
+    raw = _columns(ad)
+    b, cvl, cvb = (np.asarray(raw[c], dtype=np.float64) for c in ad.columns)
+    ok = (b > 0.05) & (b < 0.95) & (cvl > 0.05) & (cvl < 0.95)
+    rest_b = 1.0 - b[ok]
+    q = cvb[ok] / (1.0 - cvb[ok])
+    rest_cvb = q / (cvl[ok] + q)
+    assert ok.sum() > 500
+    # the two routes agree to the 10-bit storage precision
+    assert np.percentile(np.abs(rest_cvb / rest_b - 1.0), 99) < 3e-3
+    saturated = (1.0 - b) < 2.0**-6
+    assert 100 < saturated.sum() < 200  # 126 DeepJet jets: the route matters on real data
+    probs, _ = get_adapter("deepjet", mantissa_bits=10).to_simplex(raw)
+    assert np.all(probs[saturated, 1] > 0) and np.all(probs[saturated, 2] > 0)
+
+
+def test_dequantisation_stays_in_the_rounding_cell_and_is_deterministic():
+    from coffea_otcal.latent_tagger import quantise_mantissa
+
+    rng = np.random.default_rng(4)
+    p = rng.dirichlet([0.3, 0.3, 0.3], size=5000)
+    cols = {k: quantise_mantissa(v, 10) for k, v in get_adapter("deepjet").from_simplex(p).items()}
+    plain = get_adapter("deepjet", mantissa_bits=10)
+    deq = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
+    p0, _ = plain.to_simplex(cols)
+    p1, valid = deq.to_simplex(cols)
+    p2, _ = deq.to_simplex(cols)
+    assert valid.all()
+    np.testing.assert_array_equal(p1, p2)  # hash-seeded: the same jet gives the same point
+    np.testing.assert_allclose(p1.sum(axis=1), 1.0, atol=1e-12)
+    # the dequantised point rounds back to the stored B and CvL (up to double rounding
+    # float64 -> float32 -> 10 bits at a cell edge; saturated B is rebuilt from CvB)
+    back = deq.from_simplex(p1)
+    unsat = 1.0 - cols["btagDeepFlavB"] >= 2.0**-6
+    for name in ("btagDeepFlavB", "btagDeepFlavCvL"):
+        same = quantise_mantissa(back[name], 10) == cols[name]
+        assert same[unsat].mean() > 0.999
+    # and it spreads the point masses: many distinct values where the file has few
+    z0, z1 = g.ilr(p0), g.ilr(p1)
+    assert len(np.unique(z1.round(9), axis=0)) > len(np.unique(z0.round(9), axis=0))
+    assert np.median(np.abs(z1 - z0)) < 0.01  # a move within the storage precision
+    with pytest.raises(ValueError, match="dequantise=True needs mantissa_bits"):
+        get_adapter("deepjet", dequantise=True)
 
 
 def test_errors_name_the_problem():

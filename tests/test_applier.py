@@ -21,6 +21,7 @@ from coffea_otcal.applier import (
     STATUS_INVALID_SCORE,
     STATUS_NO_MAP,
     Calibrator,
+    jet_record,
     status_counts,
     transform_context,
 )
@@ -337,3 +338,31 @@ def test_calibrator_from_path_and_repr(bundle: Bundle, tmp_path: Path) -> None:
     assert cal.input_columns == (*DEEPJET, "hadronFlavour", "pt", "eta")
     assert "variations=['comp']" in repr(cal)
     assert PT_CONTEXT["column"] in cal.input_columns
+
+
+def test_jet_record_builds_the_zip_and_unflatten_layout() -> None:
+    rng = np.random.default_rng(11)
+    fields = {
+        "a": rng.normal(size=9),
+        "s": rng.integers(0, 4, 9).astype(np.int8),
+        "OTCAL_v": {"up": {"a": rng.normal(size=9)}, "down": {"a": rng.normal(size=9)}},
+    }
+    counts = np.array([2, 0, 4, 3])
+    got = jet_record(fields, counts)
+    nested = {
+        k: ak.zip({d: ak.zip(v[d]) for d in v}, depth_limit=1) if isinstance(v, dict) else v
+        for k, v in fields.items()
+    }
+    ref = ak.unflatten(ak.zip(nested, depth_limit=1), counts)
+    assert str(got.type) == str(ref.type)
+    assert str(got.type) == (
+        "4 * var * {a: float64, s: int8, OTCAL_v: {up: {a: float64}, down: {a: float64}}}"
+    )
+    assert ak.array_equal(got, ref)
+    flat = jet_record(fields)
+    assert len(flat) == 9
+    assert flat.OTCAL_v.down.a.tolist() == fields["OTCAL_v"]["down"]["a"].tolist()
+    with pytest.raises(ValueError, match="counts add up to 10 jets, the columns hold 9"):
+        jet_record(fields, np.array([10]))
+    with pytest.raises(ValueError, match=r"different lengths: \[9, 3\]"):
+        jet_record({"a": fields["a"], "b": np.zeros(3)})

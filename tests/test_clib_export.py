@@ -422,12 +422,16 @@ def test_documented_cpp_formulas_match_the_python_helpers():
     rng = np.random.default_rng(5)
     b, cvl = rng.uniform(0, 1, 500), rng.uniform(0, 1, 500)
     b[:3], cvl[:3] = [0.0, 1.0, 0.999512], [1.0, 0.0, 0.0]  # quantised vertices
-    eps = 1e-6
-    pb, pc, pl = b, cvl * (1 - b), (1 - cvl) * (1 - b)
+    cvb = rng.uniform(0, 0.5, 500)
+    b[3:40] = 1.0 - rng.uniform(0, 2.0**-6, 37)  # saturated B: the b/c ratio comes from CvB
+    eps = 1e-12
+    q = cvb / (1 - cvb)
+    rest = np.where(1 - b < 2.0 ** (4 - 10), q / (cvl + q), 1 - b)
+    pb, pc, pl = 1 - rest, cvl * rest, (1 - cvl) * rest
     lb, lc, ll = (np.log(np.maximum(x, eps)) for x in (pb, pc, pl))
     z = np.stack([(lb - lc) / np.sqrt(2.0), (lb + lc - 2.0 * ll) / np.sqrt(6.0)], -1)
-    adapter = get_adapter("deepjet")
-    cols = {"btagDeepFlavB": b, "btagDeepFlavCvL": cvl, "btagDeepFlavCvB": np.zeros(500)}
+    adapter = get_adapter("deepjet", mantissa_bits=10)
+    cols = {"btagDeepFlavB": b, "btagDeepFlavCvL": cvl, "btagDeepFlavCvB": cvb}
     np.testing.assert_allclose(z, ilr_from_columns(adapter, cols)[0], atol=1e-12)
     z1, z2 = z[:, 0] + 0.3, z[:, 1] - 0.2
     cb = z1 / np.sqrt(2.0) + z2 / np.sqrt(6.0)

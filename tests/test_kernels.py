@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+from coffea_otcal.gradient_kernels import CHUNK
 from coffea_otcal.kernels import FittedMap, NumpyPotential
 from coffea_otcal.potentials import ICNN, PICNN, ICNNConfig, PICNNConfig
 
@@ -133,3 +135,95 @@ def test_kernels_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(2, 3)"
+
+
+@pytest.mark.parametrize("kind", ["icnn", "icnn-softplus", "picnn"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gradient_only_kernel_equals_value_and_grad(kind, dtype):
+    net = _net(kind, seed=5)
+    rng = np.random.default_rng(6)
+    n = CHUNK + 1234  # a full block and a partial one
+    x = rng.normal(size=(n, net.config.dim)) * 1.5
+    c = rng.normal(size=(n, 2)) if kind == "picnn" else None
+    kernel = NumpyPotential.from_export(net.export(), dtype=dtype)
+    fast = kernel.grad(x, c)
+    ref = kernel.value_and_grad(x, c)[1]
+    assert fast.dtype == np.dtype(dtype)
+    scale = 1 + np.max(np.abs(ref))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert np.max(np.abs(fast - ref)) < tol * scale
+
+
+@pytest.mark.parametrize("kind", ["icnn", "picnn"])
+def test_transport_folds_the_standardisation_exactly(kind):
+    fm = FittedMap.from_export(_fitted(kind))
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3000, 3)) * 2
+    c = rng.normal(size=(3000, 2)) * 3 + 1 if kind == "picnn" else None
+    cs = None
+    if c is not None:
+        cs = (c - fm.context_shift) / fm.context_scale
+    by_hand = fm.shift + fm.scale * fm.potential.grad((x - fm.shift) / fm.scale, cs)
+    out = np.full((3000, 3), np.nan)
+    got = fm.transport(x, c, out=out)
+    assert got is out
+    assert np.max(np.abs(got - by_hand)) < 1e-12
+    if c is not None:  # float32 context and a float32 map: same map to float32 rounding
+        f32 = FittedMap.from_export(_fitted(kind), dtype=np.float32)
+        got32 = f32.transport(x.astype(np.float32), c.astype(np.float32))
+        assert got32.dtype == np.float64
+        assert np.max(np.abs(got32 - got)) < 1e-4 * (1 + np.max(np.abs(got)))
+    with pytest.raises(ValueError, match=r"out must be a float64 array of shape \(3000, 3\)"):
+        fm.transport(x, c, out=np.empty((3000, 2)))
+
+
+def test_work_buffers_are_per_thread_and_shared_across_maps():
+    """Maps of different widths reuse one thread's buffers; threads never share them."""
+    maps = [
+        FittedMap.from_export(_fitted("picnn")),
+        FittedMap.from_export(_fitted("icnn")),
+        FittedMap.from_export(_fitted("picnn"), dtype=np.float32),
+    ]
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2 * CHUNK, 3))
+    c = rng.normal(size=(2 * CHUNK, 2))
+    args = [(x, c), (x, None), (x, c)]
+    serial = [m.transport(*a) for m, a in zip(maps, args, strict=True)]
+    # interleaved in one thread: a wide map's buffers serve the next, narrower one
+    assert all(np.array_equal(maps[i].transport(*args[i]), serial[i]) for i in (2, 0, 1, 0, 2, 1))
+    mismatches = []
+
+    def work() -> None:
+        for _ in range(4):
+            if not np.array_equal(maps[0].transport(*args[0]), serial[0]):
+                mismatches.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == []
+
+
+def test_block_products_run_on_one_blas_thread():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    fm = FittedMap.from_export(_fitted("picnn"))
+    seen: list[list[int]] = []
+    original = fm.potential.grad_block
+
+    def spy(*args: object) -> np.ndarray:
+        seen.append(blas_threads())
+        return original(*args)
+
+    fm.potential.grad_block = spy  # type: ignore[method-assign]
+    with threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        fm.transport(np.zeros((5, 3)), np.zeros((5, 2)))
+        assert blas_threads() == before == [2] * len(before)
+    assert len(before) >= 1
+    assert seen == [[1] * len(before)]

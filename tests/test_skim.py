@@ -266,3 +266,51 @@ def test_malloc_trim_option() -> None:
     assert _trim_option("65536") == 65536
     with pytest.raises(argparse.ArgumentTypeError, match="takes bytes, 'unset' or 'distributed'"):
         _trim_option("lots")
+
+
+@pytest.mark.parametrize("flat_names", [False, True])
+def test_skim_columns_equal_the_event_assignment_route(
+    sample: list[Path], bundle_path: Path, tmp_path: Path, flat_names: bool
+) -> None:
+    """The skim's direct route gives the record of add_calibrated_columns + skim_record."""
+    cal = Calibrator(bundle_path)
+    for path in (p for p in sample if p.stem in ("mc_vr", "data_vr")):
+        is_data = path.name.startswith("data")
+        for calibrator in (cal, None):
+
+            def events(path: Path = path):
+                return NanoEventsFactory.from_root(
+                    {str(path): "Events"},
+                    schemaclass=NanoAODSchema,
+                    mode="virtual",
+                    entry_start=3,
+                    entry_stop=57,
+                ).events()
+
+            fast, flags = calibration.skim_columns(
+                events(),
+                calibrator,
+                tagger_columns=cal.columns,
+                flavour_column=cal.flavour_column,
+                is_data=is_data,
+                flat_names=flat_names,
+            )
+            slow_events = events()
+            if calibrator is not None:
+                slow_events = calibration.add_calibrated_columns(slow_events, cal, is_data=is_data)
+            slow = calibration.skim_record(slow_events, cal, flat_names=flat_names)
+            a, b = ak.zip(fast, depth_limit=1), ak.zip(slow, depth_limit=1)
+            assert str(a.type) == str(b.type)
+            assert ak.array_equal(a, b, equal_nan=True)
+            if calibrator is None:
+                assert flags is None
+                assert not any("otcal" in f.lower() for f in a.Jet.fields)
+            else:
+                status = ak.flatten(slow_events.Jet.otcal_status)
+                assert flags is not None
+                assert flags["data" if is_data else "calibrated"] == len(status) > 0
+            written = calibration.write_skim_part(fast, tmp_path / "part.parquet", "parquet")
+            back = ak.from_parquet(tmp_path / "part.parquet")
+            assert written > 0
+            assert str(back.type) == str(a.type)
+            assert ak.array_equal(back, a, equal_nan=True)

@@ -37,6 +37,7 @@ __all__ = [
     "STATUS_NAMES",
     "STATUS_NO_MAP",
     "Calibrator",
+    "jet_record",
     "status_counts",
     "transform_context",
 ]
@@ -51,7 +52,8 @@ import numpy as np
 
 from coffea_otcal.adapters import TaggerAdapter, get_adapter
 from coffea_otcal.bundle import Bundle, ContextVariable
-from coffea_otcal.geometry import ilr, ilr_inv
+from coffea_otcal.geometry import helmert_basis, ilr, ilr_inv
+from coffea_otcal.gradient_kernels import one_blas_thread
 from coffea_otcal.kernels import FittedMap
 
 logger = logging.getLogger(__name__)
@@ -184,6 +186,7 @@ class Calibrator:
         flavour_column: str | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.bundle.require_coordinates("ilr", "Calibrator")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
             msg = f"Calibrator dtype must be float64 or float32, got {self.dtype}"
@@ -325,7 +328,18 @@ class Calibrator:
         Returns:
             A nested dict of flat numpy arrays with the output fields of the class docstring.
         """
-        names = self._map_names(variations)
+        with one_blas_thread():
+            return self._calibrate_columns(columns, is_data, self._map_names(variations))
+
+    def _calibrate_columns(
+        self, columns: Mapping[str, Any], is_data: bool, names: list[str]
+    ) -> dict[str, Any]:
+        """:meth:`calibrate_columns` for the map ``names`` (BLAS already on one thread).
+
+        Per-jet work is shared by every map and done once (adapter, status, context, rows
+        grouped by flavour, ILR); each map adds only its transport of its flavour's
+        contiguous slice, the inverse ILR and the tagger columns.
+        """
         probs, valid = self.adapter.to_simplex(columns)
         n = probs.shape[0]
         status = np.full(n, STATUS_CALIBRATED, dtype=np.int8)
@@ -343,33 +357,36 @@ class Calibrator:
             if self.bundle.context:
                 ctx, clamped, bad = transform_context(self.bundle.context, columns)
                 status[(status == STATUS_CALIBRATED) & bad] = STATUS_BAD_CONTEXT
-        moved = np.flatnonzero(status == STATUS_CALIBRATED)
-        clamped &= status == STATUS_CALIBRATED
+        calibrated = status == STATUS_CALIBRATED
+        clamped &= calibrated
         probs[~valid] = np.nan
         originals = {c: np.asarray(columns[c], dtype=np.float64) for c in self.columns}
-        z = ilr(probs[moved], eps=self.bundle.coordinates.eps) if moved.size else None
-        groups = {}
-        if flav is not None and moved.size:
-            fm = flav[moved]
-            groups = {code: np.flatnonzero(fm == code) for code in self.bundle.flavour_codes}
+        base_p = [np.ascontiguousarray(probs[:, i]) for i in range(len(self.classes))]
+        # Work shared by every map, done once: rows grouped by flavour (contiguous slices),
+        # their ILR coordinates and their context in the evaluation dtype.
+        rows, slices = self._group_rows(flav, calibrated)
+        basis = helmert_basis(len(self.classes))
+        z = _ilr_rows(probs, rows, basis, self.bundle.coordinates.eps) if rows.size else None
+        ctx_rows = None if ctx is None or z is None else ctx[rows].astype(self.dtype)
         result: dict[str, Any] = {}
         for name in names:
-            p_out = probs.copy()
-            cols_out = {c: v.copy() for c, v in originals.items()}
-            if z is not None:
+            fields: dict[str, np.ndarray] = {}
+            if z is None:
+                fields.update({c: v.copy() for c, v in originals.items()})
+                fields.update(
+                    {f"p_{k}": v.copy() for k, v in zip(self.classes, base_p, strict=True)}
+                )
+            else:
                 zt = np.empty_like(z)
-                for code, idx in groups.items():
-                    if idx.size:
-                        c_rows = None if ctx is None else ctx[moved[idx]]
-                        zt[idx] = self.fitted_map(code, name).transport(z[idx], c_rows)
-                pm = ilr_inv(zt)
-                p_out[moved] = pm
-                for c, v in self.adapter.from_simplex(pm).items():
-                    cols_out[c][moved] = v
-            fields = {**cols_out}
-            fields.update(
-                {f"p_{k}": np.ascontiguousarray(p_out[:, i]) for i, k in enumerate(self.classes)}
-            )
+                for code, sl in slices:
+                    c_rows = None if ctx_rows is None else ctx_rows[sl]
+                    fmap = self.fitted_map(code, name)
+                    fmap.transport_unlimited(z[sl], c_rows, out=zt[sl])
+                pm = _ilr_inv_rows(zt, basis)
+                for c, v in self.adapter.from_simplex(pm.T).items():
+                    fields[c] = _scatter(originals[c], rows, v)
+                for i, k in enumerate(self.classes):
+                    fields[f"p_{k}"] = _scatter(base_p[i], rows, pm[i])
             if name == "nominal":
                 result.update({f"{k}_otcal": v for k, v in fields.items()})
                 result["otcal_status"] = status
@@ -380,6 +397,25 @@ class Calibrator:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("calibrated %d jets: %s", n, status_counts(status, clamped))
         return result
+
+    def _group_rows(
+        self, flav: np.ndarray | None, calibrated: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[int, slice]]]:
+        """Indices of the jets to move, grouped by flavour, and each flavour's slice of them."""
+        if flav is None or not calibrated.any():
+            return np.empty(0, dtype=np.int64), []
+        rows_by_code = [
+            (code, np.flatnonzero(calibrated & (flav == code)))
+            for code in self.bundle.flavour_codes
+        ]
+        rows = np.concatenate([r for _, r in rows_by_code])
+        bounds = np.cumsum([0, *(r.size for _, r in rows_by_code)])
+        slices = [
+            (code, slice(int(bounds[i]), int(bounds[i + 1])))
+            for i, (code, r) in enumerate(rows_by_code)
+            if r.size
+        ]
+        return rows, slices
 
     def _flavours(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
         if self.flavour_column not in columns:
@@ -429,14 +465,13 @@ class Calibrator:
                 f"{sorted(jets.fields)[:60]}"
             )
             raise KeyError(msg)
-        counts = ak.num(jets, axis=1) if depth == 2 else None
+        counts = None if depth == 1 else np.asarray(ak.to_numpy(ak.num(jets, axis=1)))
         cols = {}
         for c in dict.fromkeys(needed):
             leaf = jets[c] if counts is None else ak.flatten(jets[c], axis=1)
             cols[c] = np.asarray(ak.to_numpy(leaf))
         out = self.calibrate_columns(cols, is_data=is_data, variations=variations)
-        record = _zip(out)
-        return record if counts is None else ak.unflatten(record, counts, axis=0)
+        return jet_record(out, counts)
 
     def __repr__(self) -> str:
         return (
@@ -445,11 +480,77 @@ class Calibrator:
         )
 
 
-def _zip(fields: Mapping[str, Any]) -> Any:
+def _ilr_rows(probs: np.ndarray, rows: np.ndarray, basis: np.ndarray, eps: float) -> np.ndarray:
+    r"""ILR of the selected rows, :math:`z = H \\log \\max(p, \\epsilon)` (Kim & Yang eq. 8).
+
+    ``geometry.ilr`` also re-closes the floored vector before the log; the closure adds
+    the same constant to every log-component, which :math:`H` (rows summing to zero)
+    removes, so only float rounding differs. Class-major temporaries keep every pass
+    contiguous. Returns ``(len(rows), D-1)``.
+    """
+    logp = np.maximum(probs[rows].T, eps)
+    np.log(logp, out=logp)
+    return (basis @ logp).T
+
+
+def _ilr_inv_rows(z: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    r"""Inverse ILR, class-major: :math:`p = \\mathcal{C}(\\exp(H^\\top z - \\max))`, shape (D, n).
+
+    The maths of ``geometry.ilr_inv`` (below Kim & Yang eq. 11) with the log-sum-exp
+    replaced by a max shift and one division, in place on contiguous class rows.
+    """
+    y = basis.T @ z.T
+    top = y.max(axis=0)
+    y -= top
+    np.exp(y, out=y)
+    y /= y.sum(axis=0)
+    return y
+
+
+def _scatter(base: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A copy of ``base`` with ``values`` at ``rows`` (no copy of ``base`` when every row moves)."""
+    out = np.empty_like(base) if rows.size == base.size else base.copy()
+    out[rows] = values
+    return out
+
+
+def jet_record(fields: Mapping[str, Any], counts: np.ndarray | None = None) -> Any:
+    """Build an awkward jet record from flat numpy columns without broadcasting.
+
+    Arguments:
+        fields: ``{name: (n,) array or nested mapping}`` (nested mappings become records,
+            e.g. ``OTCAL_<v>.up.<col>``), every leaf of the same length n.
+        counts: jets per event for a jagged ``events * var * {...}`` result; None for flat.
+
+    Returns:
+        The awkward array, built directly from its layout (``RecordArray`` of
+        ``NumpyArray`` inside one ``ListOffsetArray``): no ``ak.zip`` / ``ak.unflatten``.
+    """
     import awkward as ak
 
-    contents = {k: _zip(v) if isinstance(v, Mapping) else v for k, v in fields.items()}
-    return ak.zip(contents, depth_limit=1)
+    record = _record_layout(fields)
+    if counts is None:
+        return ak.Array(record)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] != record.length:
+        msg = f"counts add up to {int(offsets[-1])} jets, the columns hold {record.length}"
+        raise ValueError(msg)
+    return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets), record))
+
+
+def _record_layout(fields: Mapping[str, Any]) -> Any:
+    import awkward as ak
+
+    contents = [
+        _record_layout(v) if isinstance(v, Mapping) else ak.contents.NumpyArray(np.asarray(v))
+        for v in fields.values()
+    ]
+    length = min((c.length for c in contents), default=0)
+    if any(c.length != length for c in contents):
+        msg = f"record fields have different lengths: {[c.length for c in contents]}"
+        raise ValueError(msg)
+    return ak.contents.RecordArray(contents, list(fields), length=length)
 
 
 @functools.lru_cache(maxsize=4)

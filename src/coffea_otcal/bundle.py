@@ -130,16 +130,42 @@ class AdapterSpec(_Model):
 
 
 class Coordinates(_Model):
-    """The coordinates the maps act in: ILR with the Helmert basis (Kim & Yang eq. 7-8)."""
+    """The coordinates the maps act in.
 
-    kind: Literal["ilr"] = Field(default="ilr", description="coordinate system of the maps")
+    ``kind="ilr"``: ILR of the tagger probabilities with the Helmert basis (Kim & Yang eq.
+    7-8; ``basis`` and ``eps`` apply). ``kind="latent"``: the tagger's latent vector, read
+    from the Jet fields ``columns`` in map-coordinate order (Algren et al. 2025 eq. 6); the
+    maps then have dimension ``len(columns)`` (see ``coffea_otcal.latent_apply``).
+    """
+
+    kind: Literal["ilr", "latent"] = Field(
+        default="ilr", description="coordinate system of the maps"
+    )
     basis: Literal["helmert"] = Field(default="helmert", description="orthonormal ILR basis")
     eps: float = Field(
-        default=1e-6,
+        default=1e-12,
         gt=0,
         lt=0.1,
         description="probability floor applied before the log (clipping)",
     )
+    columns: list[str] | None = Field(
+        default=None,
+        description="latent Jet fields in coordinate order; required iff kind == 'latent'",
+    )
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> Coordinates:
+        if self.kind == "latent":
+            if not self.columns:
+                msg = "coordinates of kind 'latent' need the latent Jet field names in 'columns'"
+                raise ValueError(msg)
+            if len(set(self.columns)) != len(self.columns):
+                msg = f"latent coordinate columns must be distinct, got {self.columns}"
+                raise ValueError(msg)
+        elif self.columns is not None:
+            msg = f"coordinates of kind {self.kind!r} take no 'columns' (got {self.columns[:5]}...)"
+            raise ValueError(msg)
+        return self
 
 
 class FlavourSpec(_Model):
@@ -420,7 +446,10 @@ class Bundle(_Model):
         pre = entry.map.preprocessing
         where = f"map (flavour {entry.flavour}, {entry.variation!r})"
         if len(pre.shift) != self.dim:
-            msg = f"{where}: shift has {len(pre.shift)} entries, the ILR dimension is {self.dim}"
+            space = "ILR" if self.coordinates.kind == "ilr" else "latent"
+            msg = (
+                f"{where}: shift has {len(pre.shift)} entries, the {space} dimension is {self.dim}"
+            )
             raise ValueError(msg)
         if pre.n_context != len(self.context):
             msg = (
@@ -439,8 +468,20 @@ class Bundle(_Model):
 
     @property
     def dim(self) -> int:
-        """The ILR dimension d = D - 1."""
+        """The map dimension: ILR d = D - 1, or the number of latent columns."""
+        if self.coordinates.kind == "latent" and self.coordinates.columns:
+            return len(self.coordinates.columns)
         return len(self.classes) - 1
+
+    def require_coordinates(self, kind: str, reader: str) -> None:
+        """Raise ``ValueError`` naming ``reader`` unless the maps act in coordinates ``kind``."""
+        if self.coordinates.kind != kind:
+            other = "coffea_otcal.latent_apply.LatentCalibrator" if kind == "ilr" else "Calibrator"
+            msg = (
+                f"{reader} reads bundles with {kind!r} coordinates, but this bundle's maps act "
+                f"in {self.coordinates.kind!r} coordinates; use {other} for it"
+            )
+            raise ValueError(msg)
 
     @property
     def variation_names(self) -> list[str]:

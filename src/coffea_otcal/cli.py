@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fill": ("coffea_otcal.fill", "fill the control-region store from ROOT files"),
     "em": ("coffea_otcal.em_cli", "extract flavour-conditional data targets by EM"),
     "train": ("coffea_otcal.train_cli", "train flavour-factorized OT maps"),
+    "latent": ("coffea_otcal.latent_cli", "calibrate a tagger latent (Mind the Gap) and report"),
     "export": ("coffea_otcal.export_cli", "write the bundle's correctionlib export"),
     "apply": ("coffea_otcal.skim", "calibrate ROOT files with a bundle and write skims"),
     "run": ("coffea_otcal.run_cli", "run the whole chain from a pipeline configuration"),

@@ -18,12 +18,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coffea_otcal.gradient_kernels import CHUNK, WORKSPACE, FeatureMajorGradient, one_blas_thread
+
 #: ``format`` tag and version of :meth:`FittedMap.export`.
 FITTED_MAP_FORMAT = "coffea-otcal.fitted-map"
 FITTED_MAP_VERSION = 1
 
-#: Rows evaluated at once: keeps the (chunk, width) temporaries inside the CPU cache.
-_CHUNK = 8192
+#: Rows evaluated at once (see ``gradient_kernels.CHUNK``).
+_CHUNK = CHUNK
 
 
 class PotentialExport(BaseModel):
@@ -167,6 +169,7 @@ class NumpyPotential:
             self.n_layers = len(hid)
         self._set("quadratic", p, (d, d))
         self._fuse()
+        self._gradient = FeatureMajorGradient(self)
 
     def _set(self, name: str, params: dict[str, Any], shape: tuple[int, ...]) -> None:
         if name not in params:
@@ -208,8 +211,62 @@ class NumpyPotential:
         return self.value_and_grad(x, context)[0]
 
     def grad(self, x: Any, context: Any = None) -> np.ndarray:
-        r"""Map :math:`T(x \\mid c) = \\nabla_x g(x \\mid c)` at the rows of ``x``; returns (n, d)."""
-        return self.value_and_grad(x, context)[1]
+        r"""Map :math:`T(x \\mid c) = \\nabla_x g(x \\mid c)` at the rows of ``x``; returns (n, d).
+
+        Uses the gradient-only recursion of :meth:`grad_block` (no potential value, no
+        forward pass of the output layer), block by block in feature-major layout.
+        """
+        arr, ctx = self._check(x, context)
+        out = np.empty((arr.shape[0], self.dim), dtype=self.dtype)
+        layer0 = self.layer0()
+        with one_blas_thread():
+            for start in range(0, arr.shape[0], _CHUNK):
+                stop = min(start + _CHUNK, arr.shape[0])
+                xt = WORKSPACE.get("x_in", self.dim, stop - start, self.dtype)
+                np.copyto(xt, arr[start:stop].T)
+                c = None if ctx is None else ctx[start:stop].T
+                out[start:stop] = self.grad_block(xt, c, layer0).T
+        return out
+
+    def layer0(
+        self, context_shift: Any = None, context_scale: Any = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        r"""First context matrix and bias of a PICNN, optionally with a standardisation folded in.
+
+        With :math:`c' = (c - c_m)/c_s` the first trunk product is
+        :math:`M c' + b = (M / c_s)\,c + (b - M (c_m / c_s))`, so raw context rows enter
+        :meth:`grad_block` directly (one product, no standardised copy). None for an ICNN.
+        """
+        if self.kind == "icnn":
+            return None
+        mat, bias = self._gradient.mats[0][:2]
+        if context_shift is None or context_scale is None:
+            return mat, bias
+        cm = np.asarray(context_shift, dtype=np.float64)
+        cs = np.asarray(context_scale, dtype=np.float64)
+        m64 = mat.astype(np.float64)
+        folded = np.ascontiguousarray(m64 / cs[None, :], dtype=self.dtype)
+        shifted = bias.astype(np.float64) - (m64 @ (cm / cs))[:, None]
+        return folded, np.ascontiguousarray(shifted, dtype=self.dtype)
+
+    def grad_block(
+        self, x: np.ndarray, ctx: np.ndarray | None, layer0: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """Gradient of one block in feature-major layout: ``x`` (d, B) -> (d, B).
+
+        Arguments:
+            x: standardised coordinates, one row per coordinate (C-contiguous, evaluator dtype).
+            ctx: context (k, B) as ``layer0`` expects it (standardised, or raw with a folded
+                :meth:`layer0`); None for an ICNN.
+            layer0: :meth:`layer0` output (None for an ICNN).
+
+        Returns:
+            The gradient, ``(d, B)``, in a per-thread work buffer: valid until the next call
+            in the same thread (copy it out). Every intermediate is a contiguous
+            ``(width, B)`` work buffer, so slices of a fused product are contiguous and
+            elementwise work streams.
+        """
+        return self._gradient(x, ctx, layer0)
 
     def value_and_grad(self, x: Any, context: Any = None) -> tuple[np.ndarray, np.ndarray]:
         r"""Both :math:`g` (n,) and :math:`\\nabla_x g` (n, d), evaluated in chunks."""
@@ -363,6 +420,11 @@ class FittedMap:
             msg = "a PICNN map needs preprocessing.context_shift and context_scale"
             raise ValueError(msg)
         self.metrics = dict(model.metrics)
+        self._layer0 = None
+        if self.potential.kind == "picnn":
+            assert self.context_shift is not None
+            assert self.context_scale is not None
+            self._layer0 = self.potential.layer0(self.context_shift, self.context_scale)
 
     @property
     def dim(self) -> int:
@@ -404,10 +466,89 @@ class FittedMap:
         assert self.context_scale is not None
         return xs, (ctx - self.context_shift) / self.context_scale
 
-    def transport(self, x: Any, context: Any = None) -> np.ndarray:
-        """Apply the map to the rows of ``x`` (n, d) with optional context (n, k)."""
-        xs, cs = self._standardise(x, context)
-        return self.shift + self.scale * self.potential.grad(xs, cs).astype(np.float64)
+    def transport(self, x: Any, context: Any = None, out: np.ndarray | None = None) -> np.ndarray:
+        r"""Apply the map to the rows of ``x`` (n, d) with optional raw context (n, k).
+
+        Evaluated block by block (``_CHUNK`` rows, so every intermediate stays in the L2
+        cache): :math:`x' = (x - m)/s` in float64, cast to the evaluator's dtype, the context
+        standardisation folded into the first trunk layer
+        (:meth:`NumpyPotential.layer0`), and :math:`m + s\,\nabla g` written into a
+        float64 result.
+
+        Arguments:
+            x: ``(n, d)`` coordinates (float32 or float64).
+            context: ``(n, k)`` raw context (not standardised); ``(n,)`` when k = 1. A
+                float array of the evaluator's dtype is used without a copy.
+            out: optional ``(n, d)`` float64 array to write the result into.
+
+        Returns:
+            The ``(n, d)`` float64 transported coordinates (``out`` when given).
+        """
+        with one_blas_thread():
+            return self.transport_unlimited(x, context, out)
+
+    def transport_unlimited(
+        self, x: Any, context: Any = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`transport` without limiting BLAS threads (for callers that already did)."""
+        arr, ctx = self._inputs(x, context)
+        n = arr.shape[0]
+        if out is None:
+            out = np.empty((n, self.dim), dtype=np.float64)
+        elif out.shape != (n, self.dim) or out.dtype != np.float64:
+            msg = f"map {self.name!r}: out must be a float64 array of shape ({n}, {self.dim})"
+            raise ValueError(msg)
+        pot, dtype, ws, d = self.potential, self.potential.dtype, WORKSPACE, self.dim
+        shift = self.shift[:, None]
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            xt64 = ws.get("x_std", d, stop - start, np.dtype(np.float64))
+            np.subtract(arr[start:stop].T, shift, out=xt64)
+            xt64 /= self.scale
+            xt = xt64
+            if dtype != xt64.dtype:
+                xt = ws.get("x_in", d, stop - start, dtype)
+                np.copyto(xt, xt64)
+            cb = None
+            if ctx is not None:
+                cb = ctx[start:stop].T
+                if cb.dtype != dtype:
+                    cb = ws.get("c_in", ctx.shape[1], stop - start, dtype)
+                    np.copyto(cb, ctx[start:stop].T)
+            grad = pot.grad_block(xt, cb, self._layer0)
+            block = out[start:stop]
+            np.multiply(grad.T, self.scale, out=block, dtype=np.float64)
+            block += self.shift
+        return out
+
+    def _inputs(self, x: Any, context: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check shapes; keep float32/float64 arrays as they are (no standardised copies)."""
+        arr = np.asarray(x)
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            msg = f"map {self.name!r}: x must have shape (n, {self.dim}), got {arr.shape}"
+            raise ValueError(msg)
+        if self.context_dim == 0:
+            if context is not None:
+                msg = f"map {self.name!r} is unconditional; pass context=None"
+                raise ValueError(msg)
+            return arr, None
+        if context is None:
+            msg = f"map {self.name!r} needs a context of shape (n, {self.context_dim})"
+            raise ValueError(msg)
+        ctx = np.asarray(context)
+        if ctx.dtype not in (np.float32, np.float64):
+            ctx = ctx.astype(np.float64)
+        if ctx.ndim == 1 and self.context_dim == 1:
+            ctx = ctx[:, None]
+        if ctx.shape != (arr.shape[0], self.context_dim):
+            msg = (
+                f"map {self.name!r}: context must have shape ({arr.shape[0]}, "
+                f"{self.context_dim}), got {ctx.shape}"
+            )
+            raise ValueError(msg)
+        return arr, ctx
 
     def potential_value(self, x: Any, context: Any = None) -> np.ndarray:
         r"""Convex potential in original coordinates, :math:`s^2 g((x-m)/s) + m \cdot x`."""

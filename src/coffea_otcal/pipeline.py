@@ -70,7 +70,10 @@ class TargetsConfig(_Model):
 class OTStageConfig(_Model):
     """OT training of the nominal maps and the warm-started variation maps."""
 
-    nominal: OTConfig = Field(default_factory=lambda: OTConfig(steps=1500, patience=4))
+    nominal: OTConfig = Field(
+        default_factory=lambda: OTConfig(steps=1500, patience=4, batch_size=4096),
+        description="nominal maps; large batches resolve the sharp structures of b-jet scores",
+    )
     max_variations: int | None = Field(
         None, ge=0, description="train maps for the N variations of largest variance (None: all)"
     )

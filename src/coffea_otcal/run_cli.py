@@ -79,16 +79,24 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
     for f in sample.files:
         regions.setdefault(f.region, {"datasets": []})["datasets"].append(f.dataset)
     raw = {
-        "fill": {"datasets": datasets, "regions": regions, "adapter": {"name": sample.config.tagger},
+        "fill": {"datasets": datasets, "regions": regions, "adapter": demo_adapter(sample.config),
                  "output": "store.parquet", "kinematics": ["pt", "eta"]},
         "validation_regions": ["vr"],
         "seed": seed,
         # the demo's budget: a few minutes on a 2-core CPU (docs/methods.md lists what a
         # production run changes: more EM iterations, longer OT training, all variations)
         "em": {"max_iterations": 20},
-        "ot": {"nominal": {"steps": 800, "patience": 3}, "variation_steps": 100},
+        "ot": {"nominal": {"steps": 1000, "patience": 3, "batch_size": 4096}, "variation_steps": 100},
     }
     return load_pipeline_config(raw)
+
+
+def demo_adapter(gen_config: Any) -> dict[str, Any]:
+    """The adapter spec of a generated sample: its tagger, dequantised when it is stored rounded."""
+    if not gen_config.quantise:
+        return {"name": gen_config.tagger}
+    return {"name": gen_config.tagger,
+            "options": {"mantissa_bits": gen_config.mantissa_bits, "dequantise": True}}
 
 
 def _truth(sample: Any, seed: int, n: int = 40_000) -> dict[str, Any]:
@@ -99,11 +107,19 @@ def _truth(sample: Any, seed: int, n: int = 40_000) -> dict[str, Any]:
     cfg = sample.config
     mc = simulate_jets(cfg, "vr", 3 * n, False, rng)
     data = simulate_jets(cfg, "vr", 3 * n, True, rng)
+    from coffea_otcal.adapters import get_adapter
+    from coffea_otcal.report import requantise
+
+    spec = demo_adapter(cfg)
+    adapter = get_adapter(spec["name"], **spec.get("options", {}))
+    bits = cfg.mantissa_bits if cfg.quantise else None
+    # the stored columns read through the pipeline's adapter, as the fill stage reads them
+    mc_probs, data_probs = requantise(adapter, mc["probs"], bits), requantise(adapter, data["probs"], bits)
     per = {}
     for code in (5, 4, 0):
         m, d = mc["flavour"] == code, data["flavour"] == code
-        per[code] = {"mc_probs": mc["probs"][m], "mc_kin": {"pt": mc["pt"][m], "eta": mc["eta"][m]},
-                     "data_probs": data["probs"][d],
+        per[code] = {"mc_probs": mc_probs[m], "mc_kin": {"pt": mc["pt"][m], "eta": mc["eta"][m]},
+                     "data_probs": data_probs[d],
                      "mantissa_bits": cfg.mantissa_bits if cfg.quantise else None}
     return {"per_flavour": per}
 

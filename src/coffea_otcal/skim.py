@@ -17,10 +17,11 @@ succeeded. An interrupted or failed skim leaves no ``OUT``.
 Dask workers: distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker.
 Any fixed value also switches off glibc's dynamic mmap threshold, so every large buffer of
 uproot/awkward is mmap-ed and unmapped again: opening the real ``nano_tt_v15.root`` with
-NanoEvents took 12.0-12.4 s per open on a LocalCluster worker with 65536 (13.3 s with
-128 MiB) and 3.6-4.8 s with the variable unset (``benchmarks/bench_apply.py`` section 4,
-loaded machine). LocalCluster skims therefore unset it by default
-(``--malloc-trim-threshold unset``); pass bytes or ``distributed`` to choose otherwise.
+NanoEvents took 6.1 s per open on a LocalCluster worker with 65536 (5.6 s with 128 MiB)
+and 2.2 s with the variable unset (``benchmarks/bench_apply.py`` section 4, loaded
+machine; 12.0-12.4 / 13.3 / 3.6-4.8 s in a more loaded run). LocalCluster skims therefore
+unset it by default (``--malloc-trim-threshold unset``); pass bytes or ``distributed`` to
+choose otherwise.
 """
 
 from __future__ import annotations
