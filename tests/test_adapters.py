@@ -151,6 +151,12 @@ def test_dequantisation_stays_in_the_rounding_cell_and_is_deterministic():
     z0, z1 = g.ilr(p0), g.ilr(p1)
     assert len(np.unique(z1.round(9), axis=0)) > len(np.unique(z0.round(9), axis=0))
     assert np.median(np.abs(z1 - z0)) < 0.01  # a move within the storage precision
+    # a stored 1 covers [1 - 2^-12, 1]: it never stays exactly 1 (no p = 0 on a vertex)
+    ones = {"btagDeepFlavB": np.ones(1000), "btagDeepFlavCvL": np.ones(1000),
+            "btagDeepFlavCvB": np.linspace(1e-5, 1e-3, 1000)}
+    p_ones, _ = deq.to_simplex(ones)
+    assert np.all(p_ones[:, 2] > 0)
+    assert np.all(p_ones[:, 2] <= 2.0**-12 * p_ones[:, 1] / (1 - 2.0**-12) + 1e-18)
     with pytest.raises(ValueError, match="dequantise=True needs mantissa_bits"):
         get_adapter("deepjet", dequantise=True)
 

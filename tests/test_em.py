@@ -172,6 +172,23 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_fit(regions, tmp_path):
         fit_em(small, smc, cfg, seed=2, progress=False, checkpoint_dir=tmp_path)
 
 
+def test_shape_warmup_holds_the_fractions_then_releases_them(regions):
+    data, mc, _ = regions
+    small = {k: RegionData(x=v.x[::4]) for k, v in data.items()}
+    smc = {k: RegionData(x=v.x[::4], flavour=v.flavour[::4]) for k, v in mc.items()}
+    cfg = FAST.model_copy(update={"max_iterations": 3, "min_iterations": 1, "m_steps": 3,
+                                  "shape_warmup": 2, "tol_nll": 10.0, "tol_logit": 10.0,
+                                  "patience": 1})
+    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 5})})
+    res = fit_em(small, smc, cfg, seed=1, progress=False)
+    fr = [np.asarray(e["fractions"]) for e in res.trace]
+    np.testing.assert_array_equal(fr[1], fr[0])  # warm-up: only the flows move
+    np.testing.assert_array_equal(fr[2], fr[0])
+    assert np.abs(fr[3] - fr[0]).max() > 1e-4  # then the fractions are fitted
+    assert res.n_iterations == 3  # and convergence is not declared during the warm-up
+    np.testing.assert_allclose(res.initial_fractions, fr[0])
+
+
 def test_event_weights_are_rescaled_to_the_effective_sample_size():
     rng = np.random.default_rng(4)
     d = synthetic(300, DATA_FRACTIONS["b"], DATA_SHIFT, rng, weights=True)

@@ -411,7 +411,8 @@ def test_cli_run_example_config_fill_stage(
     config = load_pipeline_config(path)
     assert config.cr_names == ["cr_b", "cr_c", "cr_light"]
     assert config.ot.max_variations == 2
-    assert config.em.flow.dequantize_adapter == "deepjet"
+    assert config.fill.adapter.options == {"mantissa_bits": 10, "dequantise": True}
+    assert config.em.shape_warmup == 5
     out = path.parent / "out"
     assert cli.main(["run", str(path), "-o", str(out), "--stages", "fill", "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -255,7 +255,10 @@ def _dequantise(values: np.ndarray, mantissa_bits: int) -> np.ndarray:
             _, e_dn = np.frexp(v * (1.0 - 2.0**-30))
             up = np.where(v > 0, np.ldexp(1.0, e_up - 1 - mantissa_bits), 0.0)
             down = np.where(v > 0, np.ldexp(1.0, e_dn - 1 - mantissa_bits), 0.0)
-            out[:, j] = np.clip(v - 0.5 * down + t * 0.5 * (down + up), 0.0, 1.0)
+            # the cell truncated to [0, 1] first: a stored 1 covers [1 - 2^-(m+2), 1] only
+            lo = np.maximum(v - 0.5 * down, 0.0)
+            hi = np.minimum(v + 0.5 * up, 1.0)
+            out[:, j] = lo + t * (hi - lo)
     return out
 
 

@@ -81,6 +81,14 @@ class EMConfig(BaseModel):
     )
     max_iterations: int = Field(default=25, ge=1, description="maximum EM iterations")
     min_iterations: int = Field(default=4, ge=1, description="minimum EM iterations")
+    shape_warmup: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "first iterations that update only the flows, with the fractions held at their "
+            "initial values (the densities adapt to data before the fractions may move)"
+        ),
+    )
     m_steps: int = Field(default=40, ge=1, description="Adam steps per flavour flow in each M-step")
     learning_rate_decay: float = Field(
         default=0.85, gt=0, le=1, description="per-iteration decay of the M-step learning rate"
@@ -536,7 +544,7 @@ def fit_em(
         iteration += 1
         # M-step, logits (eq. 22-23, row-local with the prior of eq. 21)
         a_old = a.copy()
-        for r in range(len(regions)):
+        for r in range(len(regions) if iteration > config.shape_warmup else 0):
             sl = slice(slices[r], slices[r + 1])
             counts = w_all[sl] @ gamma[sl]
             a[r] = _map_logits(counts, a0[r], precision[r], a[r])
@@ -554,7 +562,10 @@ def fit_em(
         trace.append(_trace_entry(iteration, nll, prior, a))
         small = abs(nll - nll_old) < config.tol_nll and np.abs(a - a_old).max() < config.tol_logit
         counter = counter + 1 if small else 0
-        converged = counter >= config.patience and iteration >= config.min_iterations
+        converged = (
+            counter >= config.patience
+            and iteration >= max(config.min_iterations, config.shape_warmup + 1)
+        )
         bar.update(1)
         bar.set_postfix(nll=f"{nll:.4f}")
         logger.info("EM iteration %d: NLL/event %.5f, prior %.5f", iteration, nll, prior)

@@ -111,7 +111,8 @@ class MantissaDequantizer:
             up = self._spacing(v)
             down = self._spacing(v * (1.0 - 2.0**-30))
             t = rng.uniform(0.0, 1.0, size=v.shape)
-            out[name] = np.clip(v - 0.5 * down + t * 0.5 * (down + up), 0.0, 1.0)
+            lo, hi = np.maximum(v - 0.5 * down, 0.0), np.minimum(v + 0.5 * up, 1.0)
+            out[name] = lo + t * (hi - lo)  # uniform over the cell truncated to [0, 1]
         probs, _ = self.adapter.to_simplex(out)
         return np.asarray(ilr(probs)).reshape(len(probs), -1)
 

@@ -79,6 +79,9 @@ class OTStageConfig(_Model):
     )
     variation_steps: int = Field(300, ge=1, description="fine-tuning steps of a variation map")
     variation_lr: float = Field(2e-3, gt=0, description="peak learning rate of variation fine-tuning")
+    variation_batch_size: int | None = Field(
+        None, ge=2, description="batch size of variation fine-tuning (None: the nominal's)"
+    )
     max_source: int | None = Field(
         200_000, ge=100, description="subsample each flavour's source to at most this many jets"
     )
@@ -104,7 +107,10 @@ class PipelineConfig(_Model):
     )
     validation_regions: list[str] = Field(default_factory=lambda: ["vr"])
     context: list[ContextSpec] = Field(default_factory=_default_context)
-    em: EMConfig = Field(default_factory=EMConfig)
+    em: EMConfig = Field(
+        default_factory=lambda: EMConfig(shape_warmup=5),
+        description="EM settings; the pipeline holds the fractions for 5 shape-only iterations",
+    )
     em_conditional: bool = Field(
         False,
         description="condition the EM flows (and so the OT maps) on the context; off by default: "

@@ -85,8 +85,8 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
         "seed": seed,
         # the demo's budget: a few minutes on a 2-core CPU (docs/methods.md lists what a
         # production run changes: more EM iterations, longer OT training, all variations)
-        "em": {"max_iterations": 20},
-        "ot": {"nominal": {"steps": 1000, "patience": 3, "batch_size": 4096}, "variation_steps": 100},
+        "em": {"max_iterations": 20, "shape_warmup": 5},
+        "ot": {"nominal": {"steps": 2500, "patience": None, "batch_size": 4096}, "variation_steps": 100},
     }
     return load_pipeline_config(raw)
 
@@ -125,14 +125,20 @@ def _truth(sample: Any, seed: int, n: int = 40_000) -> dict[str, Any]:
 
 
 def demo_generator_config(seed: int, scale: float = 1.0) -> Any:
-    """The demo sample: Kim & Yang Table 1 control regions of 30k jets, a 30k-jet 1:1:1 VR."""
-    from coffea_otcal.generator import GeneratorConfig, default_regions
+    """The demo sample: Kim & Yang Table 1 control regions of 30k jets, a 30k-jet 1:1:1 VR.
+
+    The mismodelling is 1.3 times the generator default, so that a classifier tells the
+    uncalibrated MC from the pseudo-data with an AUC of about 0.59 in the validation region
+    (the default strength gives 0.556).
+    """
+    from coffea_otcal.generator import GeneratorConfig, MismodellingConfig, default_regions
 
     regions = {
         name: region.model_copy(update={"n_jets": 30_000})
         for name, region in default_regions().items()
     }
-    return GeneratorConfig(seed=seed, scale=scale, regions=regions)
+    return GeneratorConfig(seed=seed, scale=scale, regions=regions,
+                           mismodelling=MismodellingConfig(strength=1.3))
 
 
 def run_demo(out: Path, scale: float = 1.0, seed: int = 1, progress: bool = True) -> Any:

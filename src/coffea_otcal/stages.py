@@ -146,6 +146,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     var_cfg = nominal_cfg.model_copy(update={
         "steps": config.ot.variation_steps, "lr": config.ot.variation_lr,
         "warmup_steps": 0, "patience": None, "eval_every": max(config.ot.variation_steps // 2, 1),
+        "batch_size": config.ot.variation_batch_size or nominal_cfg.batch_size,
     })
     rng = np.random.default_rng(config.seed)
     variations = list(targets.meta.variations)
