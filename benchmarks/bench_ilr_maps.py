@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def main() -> None:
     run, flav = sys.argv[1], sys.argv[2]
     over = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     tgt = Targets.load(f"{run}/em/targets.npz").flavours[flav]
-    settings = json.load(open(f"{run}/pipeline.json"))["ot"]["nominal"]
+    settings = json.loads(Path(run, "pipeline.json").read_text())["ot"]["nominal"]
     settings.update(over)
     y, _, yw = tgt.target()
     start = time.perf_counter()

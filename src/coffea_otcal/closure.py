@@ -15,6 +15,7 @@ __all__ = [
     "DISCRIMINANTS",
     "Chi2Result",
     "classifier_auc",
+    "classifier_scores",
     "discriminant_values",
     "fill_discriminant",
     "mean_aitchison_displacement",
@@ -156,7 +157,7 @@ def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | N
     return float(auc)
 
 
-def classifier_auc(
+def classifier_scores(
     features_a: np.ndarray,
     features_b: np.ndarray,
     weight_a: np.ndarray | None = None,
@@ -165,32 +166,30 @@ def classifier_auc(
     test_fraction: float = 0.5,
     seed: int = 0,
     max_iter: int = 200,
-) -> float:
-    """Classifier two-sample test: held-out AUC of a classifier telling sample a from b.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out scores of a classifier trained to tell sample a from sample b.
 
     A gradient-boosted tree classifier (scikit-learn ``HistGradientBoostingClassifier``,
     early-stopped on a validation split of the training half) is trained on a random
-    ``1 - test_fraction`` of each sample; the weighted AUC is measured on the rest. Both
-    classes are given equal total weight in training and in the AUC, so the result does
-    not depend on the sample sizes. 0.5 means the classifier cannot tell the samples apart.
+    ``1 - test_fraction`` of each sample and scores the rest. Both classes are given equal
+    total weight, so results do not depend on the sample sizes.
 
     Arguments:
         features_a: ``(n_a, k)`` features of sample a (e.g. ILR coordinates + log pT).
         features_b: ``(n_b, k)`` features of sample b.
         weight_a: optional per-jet weights of a.
         weight_b: optional per-jet weights of b.
-        test_fraction: fraction held out for the AUC.
+        test_fraction: fraction held out.
         seed: seed of the split and the classifier.
         max_iter: boosting iterations (early stopping usually ends sooner).
 
     Returns:
-        The held-out AUC (label 1 = sample b).
+        ``(scores, labels, weights)`` of the held-out jets (label 1 = sample b).
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    xa, xb = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
-    if xa.ndim == 1:
-        xa, xb = xa[:, None], xb[:, None]
+    xa = np.asarray(features_a, dtype=np.float64).reshape(len(features_a), -1)
+    xb = np.asarray(features_b, dtype=np.float64).reshape(len(features_b), -1)
     wa = np.ones(len(xa)) if weight_a is None else np.asarray(weight_a, dtype=np.float64)
     wb = np.ones(len(xb)) if weight_b is None else np.asarray(weight_b, dtype=np.float64)
     for name, x, w in (("a", xa, wa), ("b", xb, wb)):
@@ -210,8 +209,41 @@ def classifier_auc(
         max_leaf_nodes=15, learning_rate=0.1,
     )
     clf.fit(x[~test], y[~test], sample_weight=w[~test])
-    scores = clf.predict_proba(x[test])[:, 1]
-    return weighted_auc(scores, y[test], w[test])
+    return clf.predict_proba(x[test])[:, 1], y[test], w[test]
+
+
+def classifier_auc(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    weight_a: np.ndarray | None = None,
+    weight_b: np.ndarray | None = None,
+    *,
+    test_fraction: float = 0.5,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> float:
+    """Classifier two-sample test: held-out AUC of a classifier telling sample a from b.
+
+    The weighted AUC of :func:`classifier_scores` on the held-out jets (classes at equal
+    total weight). 0.5 means the classifier cannot tell the samples apart.
+
+    Arguments:
+        features_a: ``(n_a, k)`` features of sample a (e.g. ILR coordinates + log pT).
+        features_b: ``(n_b, k)`` features of sample b.
+        weight_a: optional per-jet weights of a.
+        weight_b: optional per-jet weights of b.
+        test_fraction: fraction held out for the AUC.
+        seed: seed of the split and the classifier.
+        max_iter: boosting iterations (early stopping usually ends sooner).
+
+    Returns:
+        The held-out AUC (label 1 = sample b).
+    """
+    scores, labels, weights = classifier_scores(
+        features_a, features_b, weight_a, weight_b,
+        test_fraction=test_fraction, seed=seed, max_iter=max_iter,
+    )
+    return weighted_auc(scores, labels, weights)
 
 
 def mean_aitchison_displacement(

@@ -67,36 +67,20 @@ def two_sample_test(
     Returns:
         The :class:`TwoSampleResult`.
     """
-    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_curve
 
-    xa = np.asarray(features_a, dtype=np.float64).reshape(len(features_a), -1)
-    xb = np.asarray(features_b, dtype=np.float64).reshape(len(features_b), -1)
-    wa = np.ones(len(xa)) if weight_a is None else np.asarray(weight_a, dtype=np.float64)
-    wb = np.ones(len(xb)) if weight_b is None else np.asarray(weight_b, dtype=np.float64)
-    for name, arr, w in (("a", xa, wa), ("b", xb, wb)):
-        if len(arr) < 20 or not np.all(np.isfinite(arr)) or w.sum() <= 0:
-            msg = (
-                f"two-sample test: sample {name} needs >= 20 finite rows with positive total "
-                f"weight (got {len(arr)} rows, weight sum {w.sum():.3g})"
-            )
-            raise ValueError(msg)
-    feats = np.concatenate([xa, xb])
-    labels = np.concatenate([np.zeros(len(xa)), np.ones(len(xb))])
-    w = np.concatenate([wa / wa.sum(), wb / wb.sum()]) * len(feats) / 2
-    test = np.random.default_rng(seed).random(len(feats)) < test_fraction
-    clf = HistGradientBoostingClassifier(
-        max_iter=max_iter,
-        early_stopping=True,
-        validation_fraction=0.2,
-        random_state=seed,
-        max_leaf_nodes=15,
-        learning_rate=0.1,
-    )
-    clf.fit(feats[~test], labels[~test], sample_weight=w[~test])
-    scores = clf.predict_proba(feats[test])[:, 1]
-    auc = weighted_auc(scores, labels[test], w[test])
-    fpr, tpr, _ = roc_curve(labels[test], scores, sample_weight=w[test])
+    from coffea_otcal.closure import classifier_scores
+
+    try:
+        scores, labels, w = classifier_scores(
+            features_a, features_b, weight_a, weight_b,
+            test_fraction=test_fraction, seed=seed, max_iter=max_iter,
+        )
+    except ValueError as err:
+        msg = str(err).replace("classifier two-sample test", "two-sample test")
+        raise ValueError(msg) from None
+    auc = weighted_auc(scores, labels, w)
+    fpr, tpr, _ = roc_curve(labels, scores, sample_weight=w)
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(roc_points, len(fpr))).astype(int))
     return TwoSampleResult(auc=auc, fpr=fpr[keep], tpr=tpr[keep])
 
