@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import awkward as ak
+import numpy as np
 from coffea.processor import ProcessorABC
 
 from coffea_otcal.applier import Calibrator, status_counts
@@ -201,6 +202,9 @@ def skim_columns(
         event_fields: event-level fields kept when present.
         flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
 
+    A float32 calibrator writes its calibrated columns as float32, the precision NanoAOD
+    stores tagger scores in (a float64 calibrator writes float64).
+
     Returns:
         ``({event field: array, collection: jagged jet record}, status counts or None)``,
         the record identical to :func:`skim_record` after :func:`add_calibrated_columns`.
@@ -228,12 +232,21 @@ def skim_columns(
             {c: flat[c] for c in needed}, is_data=is_data, variations=variations
         )
         flags = status_counts(out["otcal_status"], out["otcal_clamped"])
-        fields.update(out)
+        fields.update(_to_float32(out) if calibrator.dtype == np.float32 else out)
     if flat_names:
         fields = _flat_names(fields)
     record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
     record[collection] = jet_record(fields, ak.to_numpy(ak.num(jets, axis=1)))
     return record, flags
+
+
+def _to_float32(fields: dict[str, Any]) -> dict[str, Any]:
+    """Cast every float64 leaf of a nested column mapping to float32 (others unchanged)."""
+    return {
+        k: _to_float32(v) if isinstance(v, dict)
+        else v.astype(np.float32) if getattr(v, "dtype", None) == np.float64 else v
+        for k, v in fields.items()
+    }
 
 
 def _flat_names(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -314,3 +314,23 @@ def test_skim_columns_equal_the_event_assignment_route(
             assert written > 0
             assert str(back.type) == str(a.type)
             assert ak.array_equal(back, a, equal_nan=True)
+
+
+def test_float32_calibrator_writes_float32_columns(sample: list[Path], bundle_path: Path) -> None:
+    """NanoAOD keeps tagger scores in float32: a float32 skim writes them so, within 1e-5."""
+    path = next(p for p in sample if p.stem == "mc_vr")
+    out = {}
+    for dtype in (np.float64, np.float32):
+        cal = Calibrator(bundle_path, dtype=dtype)
+        events = NanoEventsFactory.from_root(
+            {str(path): "Events"}, schemaclass=NanoAODSchema, mode="virtual"
+        ).events()
+        record, _ = calibration.skim_columns(events, cal, tagger_columns=cal.columns,
+                                             flavour_column=cal.flavour_column, is_data=False)
+        out[dtype] = record["Jet"]
+    column = f"{Calibrator(bundle_path).columns[0]}_otcal"
+    lo, hi = ak.flatten(out[np.float32][column]), ak.flatten(out[np.float64][column])
+    assert str(ak.type(lo)).endswith("float32") and str(ak.type(hi)).endswith("float64")
+    assert len(lo) > 100
+    np.testing.assert_allclose(ak.to_numpy(lo), ak.to_numpy(hi), rtol=1e-5, atol=1e-6)
+    assert ak.flatten(out[np.float32].otcal_status).type == ak.flatten(out[np.float64].otcal_status).type
