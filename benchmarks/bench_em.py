@@ -73,13 +73,27 @@ def _region(jets: dict, with_context: bool, is_mc: bool) -> RegionData:
     )
 
 
+#: set by ``--dequantise``: read the stored scores through a dequantising adapter
+DEQUANTISE: dict[str, object] = {"adapter": None}
+
+
+def _read(jets: dict) -> dict:
+    """The stored columns read back through the benchmark's adapter (as the fill stage does)."""
+    adapter = DEQUANTISE["adapter"]
+    if adapter is None:
+        return jets
+    from coffea_otcal.report import requantise
+
+    return {**jets, "probs": requantise(adapter, jets["probs"], 10)}
+
+
 def simulate(cfg: GeneratorConfig, n: int, seed: int, with_context: bool):
     """Data (unlabelled), MC (labelled) and truth (data with labels) per region."""
     rng = np.random.default_rng(seed)
     data, mc, truth = {}, {}, {}
     for r in REGIONS:
-        jd = simulate_jets(cfg, r, n, True, rng)
-        jm = simulate_jets(cfg, r, n, False, rng)
+        jd = _read(simulate_jets(cfg, r, n, True, rng))
+        jm = _read(simulate_jets(cfg, r, n, False, rng))
         data[r] = _region(jd, with_context, False)
         mc[r] = _region(jm, with_context, True)
         truth[r] = RegionData(x=data[r].x, context=data[r].context, flavour=jd["flavour"])
@@ -230,10 +244,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", default=None, help="write the EM report PNGs here")
+    parser.add_argument("--dequantise", action="store_true",
+                        help="read DeepJet with mantissa_bits=10, dequantise=True (as the demo)")
+    parser.add_argument("--warmup", type=int, default=0, help="EMConfig.shape_warmup")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads}; jets per region: {args.jets}")
-    config = EMConfig()
+    print(f"torch threads: {args.threads}; jets per region: {args.jets}; "
+          f"dequantise: {args.dequantise}; shape warm-up: {args.warmup}")
+    if args.dequantise:
+        from coffea_otcal.adapters import get_adapter
+
+        DEQUANTISE["adapter"] = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
+    config = EMConfig(shape_warmup=args.warmup)
     summary = []
     for case in args.cases:
         if case in ("table1", "impure_c"):

@@ -72,7 +72,7 @@ class OTStageConfig(_Model):
 
     nominal: OTConfig = Field(
         default_factory=lambda: OTConfig(steps=2500, patience=None, batch_size=4096,
-                                         init="identity"),
+                                         init="identity", lr=0.02),
         description=(
             "nominal maps; large batches resolve the sharp structures of b-jet scores, and an "
             "identity start closed better than the Gaussian one on ILR maps (docs/ot.md)"

@@ -86,7 +86,8 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
         # the demo's budget: a few minutes on a 2-core CPU (docs/methods.md lists what a
         # production run changes: more EM iterations, longer OT training, all variations)
         "em": {"max_iterations": 20, "shape_warmup": 5},
-        "ot": {"nominal": {"steps": 2500, "patience": None, "batch_size": 4096, "init": "identity"},
+        "ot": {"nominal": {"steps": 2500, "patience": None, "batch_size": 4096, "init": "identity",
+                           "lr": 0.02},
                "variation_steps": 100},
     }
     return load_pipeline_config(raw)
