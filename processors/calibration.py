@@ -209,20 +209,14 @@ def skim_columns(
         ``({event field: array, collection: jagged jet record}, status counts or None)``,
         the record identical to :func:`skim_record` after :func:`add_calibrated_columns`.
     """
-    from coffea_otcal.applier import jet_record
+    from coffea_otcal.applier import jet_record, require_fields
 
     jets = events[collection]
     base = list(dict.fromkeys([*jet_fields, flavour_column, *tagger_columns]))
     needed: tuple[str, ...] = ()
     if calibrator is not None:
         needed = calibrator.columns if is_data else calibrator.input_columns
-        missing = [c for c in needed if c not in jets.fields]
-        if missing:
-            msg = (
-                f"jet fields {missing} needed by the bundle are missing; available: "
-                f"{sorted(jets.fields)[:60]}"
-            )
-            raise KeyError(msg)
+        require_fields(jets.fields, needed)
     wanted = [f for f in dict.fromkeys([*base, *needed]) if f in jets.fields]
     flat = {f: ak.to_numpy(ak.flatten(ak.without_parameters(jets[f]), axis=1)) for f in wanted}
     fields: dict[str, Any] = {f: flat[f] for f in base if f in flat}

@@ -458,13 +458,7 @@ class Calibrator:
             msg = f"calibrate_jets takes flat or jagged (events x jets) jets, got type {jets.type}"
             raise ValueError(msg)
         needed = self.columns if is_data else self.input_columns
-        missing = [c for c in needed if c not in jets.fields]
-        if missing:
-            msg = (
-                f"jet fields {missing} needed by the bundle are missing; available: "
-                f"{sorted(jets.fields)[:60]}"
-            )
-            raise KeyError(msg)
+        require_fields(jets.fields, needed)
         counts = None if depth == 1 else np.asarray(ak.to_numpy(ak.num(jets, axis=1)))
         cols = {}
         for c in dict.fromkeys(needed):
@@ -512,6 +506,18 @@ def _scatter(base: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarr
     out = np.empty_like(base) if rows.size == base.size else base.copy()
     out[rows] = values
     return out
+
+
+def require_fields(available: Sequence[str], needed: Sequence[str], what: str = "bundle") -> None:
+    """Raise ``KeyError`` naming the jet fields in ``needed`` that ``available`` lacks."""
+    missing = [c for c in dict.fromkeys(needed) if c not in available]
+    if missing:
+        more = "..." if len(missing) > 8 else ""
+        msg = (
+            f"jet fields {missing[:8]}{more} needed by the {what} are missing; available: "
+            f"{sorted(available)[:60]}"
+        )
+        raise KeyError(msg)
 
 
 def jet_record(fields: Mapping[str, Any], counts: np.ndarray | None = None) -> Any:

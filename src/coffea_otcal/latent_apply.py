@@ -27,6 +27,7 @@ from coffea_otcal.applier import (
     STATUS_DATA,
     STATUS_INVALID_SCORE,
     STATUS_NO_MAP,
+    require_fields,
     status_counts,
 )
 from coffea_otcal.bundle import Bundle
@@ -217,13 +218,7 @@ class LatentCalibrator:
             msg = f"calibrate_jets takes flat or jagged (events x jets) records, got {jets.type}"
             raise ValueError(msg)
         needed = self.columns if is_data else self.input_columns
-        missing = [c for c in needed if c not in jets.fields]
-        if missing:
-            msg = (
-                f"jet fields {missing[:8]}{'...' if len(missing) > 8 else ''} needed by the latent "
-                f"bundle are missing; available: {sorted(jets.fields)[:40]}"
-            )
-            raise KeyError(msg)
+        require_fields(jets.fields, needed, "latent bundle")
         counts = ak.num(jets, axis=1) if jets.ndim == 2 else None
         cols = {}
         for c in needed:
