@@ -20,6 +20,7 @@ region, ``--threads T`` the torch threads (default 1).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -247,6 +248,7 @@ def main() -> None:
     parser.add_argument("--dequantise", action="store_true",
                         help="read DeepJet with mantissa_bits=10, dequantise=True (as the demo)")
     parser.add_argument("--warmup", type=int, default=0, help="EMConfig.shape_warmup")
+    parser.add_argument("--flow", default="{}", help='FlowConfig overrides as JSON, e.g. {"bins": 16}')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads: {args.threads}; jets per region: {args.jets}; "
@@ -256,6 +258,10 @@ def main() -> None:
 
         DEQUANTISE["adapter"] = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
     config = EMConfig(shape_warmup=args.warmup)
+    config = config.model_copy(
+        update={"flow": config.flow.model_copy(update=json.loads(args.flow))}
+    )
+    print(f"flow: {config.flow.model_dump()}")
     summary = []
     for case in args.cases:
         if case in ("table1", "impure_c"):
