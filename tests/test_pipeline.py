@@ -506,3 +506,19 @@ def test_unconditional_default_gives_context_free_maps(
     assert np.all(np.isfinite(z))
     report = json.loads((result.stages["closure"].folder / "report.json").read_text())
     assert 0.0 <= report["summary"]["auc_after"] <= 1.0
+
+
+def test_fill_stage_warns_about_quantised_scores_read_without_dequantisation(
+    raw_config: dict[str, Any], finished: PipelineResult, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the demo configuration dequantises: the 10 stored bits are found, no warning
+    assert finished.stages["fill"].summary["mantissa_bits"] == 10
+    raw = json.loads(json.dumps(raw_config))
+    raw["fill"]["adapter"] = {"name": "deepjet"}
+    with caplog.at_level("WARNING", logger="coffea_otcal.stages"):
+        result = run_pipeline(load_pipeline_config(raw), tmp_path / "plain", stages=["fill"],
+                              progress=False)
+    assert result.stages["fill"].summary["mantissa_bits"] == 10
+    assert "stored with 10 mantissa bits" in caplog.text
+    assert "dequantise: true" in caplog.text

@@ -70,7 +70,24 @@ def run_fill_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, Stag
     fill = config.fill.model_copy(update={"output": str(tmp / "store.parquet")})
     report = run_fill(fill, progress=progress)
     (tmp / "cutflow.txt").write_text(report.table() + "\n")
-    return {"n_jets": report.n_jets, "bad_files": len(report.bad_files)}
+    bits = _stored_mantissa_bits(tmp / "store.parquet")
+    if bits is not None and not config.fill.adapter.options.get("dequantise"):
+        logger.warning(
+            "the data tagger columns are stored with %d mantissa bits (point masses in ILR "
+            "coordinates that maps and flows cannot match); set fill.adapter.options to "
+            "{mantissa_bits: %d, dequantise: true} (docs/methods.md, 'Quantised scores')",
+            bits, bits,
+        )
+    return {"n_jets": report.n_jets, "bad_files": len(report.bad_files), "mantissa_bits": bits}
+
+
+def _stored_mantissa_bits(path: Path) -> int | None:
+    """Mantissa bits of the stored data tagger columns (None: full precision or no data)."""
+    from coffea_otcal.report import detect_mantissa_bits
+    from coffea_otcal.store import load_store
+
+    data = load_store(path).select(is_data=True)
+    return detect_mantissa_bits(data.raw) if len(data) else None
 
 
 # ----------------------------------------------------------------------------- em
