@@ -74,13 +74,8 @@ def _region(jets: dict, with_context: bool, is_mc: bool) -> RegionData:
     )
 
 
-#: set by ``--dequantise``: read the stored scores through a dequantising adapter
-DEQUANTISE: dict[str, object] = {"adapter": None}
-
-
-def _read(jets: dict) -> dict:
-    """The stored columns read back through the benchmark's adapter (as the fill stage does)."""
-    adapter = DEQUANTISE["adapter"]
+def _read(jets: dict, adapter: object | None) -> dict:
+    """The stored columns read back through ``adapter`` (as the fill stage does; None: as is)."""
     if adapter is None:
         return jets
     from coffea_otcal.report import requantise
@@ -88,13 +83,13 @@ def _read(jets: dict) -> dict:
     return {**jets, "probs": requantise(adapter, jets["probs"], 10)}
 
 
-def simulate(cfg: GeneratorConfig, n: int, seed: int, with_context: bool):
+def simulate(cfg: GeneratorConfig, n: int, seed: int, with_context: bool, adapter=None):
     """Data (unlabelled), MC (labelled) and truth (data with labels) per region."""
     rng = np.random.default_rng(seed)
     data, mc, truth = {}, {}, {}
     for r in REGIONS:
-        jd = _read(simulate_jets(cfg, r, n, True, rng))
-        jm = _read(simulate_jets(cfg, r, n, False, rng))
+        jd = _read(simulate_jets(cfg, r, n, True, rng), adapter)
+        jm = _read(simulate_jets(cfg, r, n, False, rng), adapter)
         data[r] = _region(jd, with_context, False)
         mc[r] = _region(jm, with_context, True)
         truth[r] = RegionData(x=data[r].x, context=data[r].context, flavour=jd["flavour"])
@@ -253,10 +248,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch threads: {args.threads}; jets per region: {args.jets}; "
           f"dequantise: {args.dequantise}; shape warm-up: {args.warmup}")
+    adapter = None
     if args.dequantise:
         from coffea_otcal.adapters import get_adapter
 
-        DEQUANTISE["adapter"] = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
+        adapter = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
     config = EMConfig(shape_warmup=args.warmup)
     config = config.model_copy(
         update={"flow": config.flow.model_copy(update=json.loads(args.flow))}
@@ -266,7 +262,7 @@ def main() -> None:
     for case in args.cases:
         if case in ("table1", "impure_c"):
             cfg = table1_config(impure_c=case == "impure_c")
-            data, mc, truth = simulate(cfg, args.jets, args.seed + 1, with_context=False)
+            data, mc, truth = simulate(cfg, args.jets, args.seed + 1, False, adapter)
             out = evaluate(case, data, mc, truth, config, args.seed, args.plots)
             summary.append((case, "uncond", out))
         elif case == "kinematics":

@@ -37,7 +37,7 @@ callers must pass the original values through unchanged (the processors count th
 
 from __future__ import annotations
 
-__all__ = ["ADAPTERS", "TaggerAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "TaggerAdapter", "get_adapter", "rounding_cell"]
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -239,6 +239,24 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def rounding_cell(v: np.ndarray, mantissa_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    r"""The interval of values that a stored value rounds from, truncated to [0, 1].
+
+    With :math:`u_\pm` the spacing of the representable values above and below ``v`` at
+    ``mantissa_bits`` stored bits, the cell is :math:`[v - u_-/2,\ v + u_+/2] \cap [0, 1]`
+    (a stored 1 covers :math:`[1 - 2^{-(m+2)}, 1]` only; a stored 0 is a point).
+
+    Returns:
+        ``(low, high)`` arrays of the shape of ``v``.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    _, e_up = np.frexp(v)
+    _, e_dn = np.frexp(v * (1.0 - 2.0**-30))
+    up = np.where(v > 0, np.ldexp(1.0, e_up - 1 - mantissa_bits), 0.0)
+    down = np.where(v > 0, np.ldexp(1.0, e_dn - 1 - mantissa_bits), 0.0)
+    return np.maximum(v - 0.5 * down, 0.0), np.minimum(v + 0.5 * up, 1.0)
+
+
 def _dequantise(values: np.ndarray, mantissa_bits: int) -> np.ndarray:
     """Spread ``(n, k)`` stored values over their rounding cells at hash-seeded positions."""
     bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
@@ -249,16 +267,8 @@ def _dequantise(values: np.ndarray, mantissa_bits: int) -> np.ndarray:
         out = np.empty_like(values)
         for j in range(values.shape[1]):
             t = (_mix(key + _GOLDEN * np.uint64(j + 1)) >> np.uint64(11)).astype(np.float64)
-            t *= 2.0**-53
-            v = values[:, j]
-            _, e_up = np.frexp(v)
-            _, e_dn = np.frexp(v * (1.0 - 2.0**-30))
-            up = np.where(v > 0, np.ldexp(1.0, e_up - 1 - mantissa_bits), 0.0)
-            down = np.where(v > 0, np.ldexp(1.0, e_dn - 1 - mantissa_bits), 0.0)
-            # the cell truncated to [0, 1] first: a stored 1 covers [1 - 2^-(m+2), 1] only
-            lo = np.maximum(v - 0.5 * down, 0.0)
-            hi = np.minimum(v + 0.5 * up, 1.0)
-            out[:, j] = lo + t * (hi - lo)
+            lo, hi = rounding_cell(values[:, j], mantissa_bits)
+            out[:, j] = lo + t * 2.0**-53 * (hi - lo)
     return out
 
 

@@ -185,12 +185,7 @@ class Calibrator:
         dtype: type | str = np.float64,
         flavour_column: str | None = None,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        self.bundle.require_coordinates("ilr", "Calibrator")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-            msg = f"Calibrator dtype must be float64 or float32, got {self.dtype}"
-            raise ValueError(msg)
+        self.bundle, self.dtype = open_bundle(bundle, "ilr", "Calibrator", dtype)
         self.flavour_column = flavour_column or self.bundle.flavour_column
         spec = self.bundle.adapter
         self.adapter: TaggerAdapter = get_adapter(spec.name, **spec.options)
@@ -506,6 +501,19 @@ def _scatter(base: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarr
     out = np.empty_like(base) if rows.size == base.size else base.copy()
     out[rows] = values
     return out
+
+
+def open_bundle(
+    bundle: Bundle | str | os.PathLike[str], kind: str, reader: str, dtype: type | str
+) -> tuple[Bundle, np.dtype]:
+    """Load a bundle (or take one), check its coordinates ``kind`` and the evaluation dtype."""
+    loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    loaded.require_coordinates(kind, reader)
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float64), np.dtype(np.float32)):
+        msg = f"{reader} dtype must be float64 or float32, got {dt}"
+        raise ValueError(msg)
+    return loaded, dt
 
 
 def require_fields(available: Sequence[str], needed: Sequence[str], what: str = "bundle") -> None:

@@ -544,10 +544,11 @@ def fit_em(
         iteration += 1
         # M-step, logits (eq. 22-23, row-local with the prior of eq. 21)
         a_old = a.copy()
-        for r in range(len(regions) if iteration > config.shape_warmup else 0):
-            sl = slice(slices[r], slices[r + 1])
-            counts = w_all[sl] @ gamma[sl]
-            a[r] = _map_logits(counts, a0[r], precision[r], a[r])
+        if iteration > config.shape_warmup:  # warm-up: fractions held, flows only
+            for r in range(len(regions)):
+                sl = slice(slices[r], slices[r + 1])
+                counts = w_all[sl] @ gamma[sl]
+                a[r] = _map_logits(counts, a0[r], precision[r], a[r])
         # M-step, flows (pooled over regions, weights w_i * gamma_{r,i,f})
         lr = max(
             config.flow.learning_rate * config.learning_rate_decay ** (iteration - 1),

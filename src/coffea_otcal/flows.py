@@ -78,9 +78,9 @@ class MantissaDequantizer:
     scores are point masses on a grid that is dense in the bulk and coarse near the
     vertices of the simplex (exact 1 and :math:`1 - 2^{-11}`). A flow fitted to the
     ILR image of such atoms would grow spikes. Each call maps ILR points back to the
-    tagger's own columns (through the adapter), adds uniform noise over each value's
-    rounding cell :math:`[v - u_-/2, v + u_+/2]` (:math:`u_\pm` the spacing of the
-    representable values above and below :math:`v`), clips to [0, 1] and returns the
+    tagger's own columns (through the adapter), draws each value uniformly over its
+    rounding cell (:func:`coffea_otcal.adapters.rounding_cell`, truncated to [0, 1]) and
+    returns the
     ILR coordinates: a sample of the continuous density that quantises to the data
     (dequantisation, Theis et al. 2016). :meth:`quantise` is the inverse operation
     (forward folding), used to compare a flow with quantised data like with like.
@@ -96,39 +96,26 @@ class MantissaDequantizer:
         self.adapter = get_adapter(adapter)
         self.mantissa_bits = int(mantissa_bits)
 
-    def _spacing(self, v: np.ndarray) -> np.ndarray:
-        _, e = np.frexp(v)
-        return np.where(v > 0, np.ldexp(1.0, e - 1 - self.mantissa_bits), 0.0)
-
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Dequantise ILR points ``(n, D-1)``; returns new ILR points."""
+        from coffea_otcal.adapters import rounding_cell
         from coffea_otcal.geometry import ilr, ilr_inv
 
         cols = self.adapter.from_simplex(np.asarray(ilr_inv(np.asarray(x, dtype=np.float64))))
         out = {}
         for name, v in cols.items():
-            v = np.asarray(v, dtype=np.float64)
-            up = self._spacing(v)
-            down = self._spacing(v * (1.0 - 2.0**-30))
-            t = rng.uniform(0.0, 1.0, size=v.shape)
-            lo, hi = np.maximum(v - 0.5 * down, 0.0), np.minimum(v + 0.5 * up, 1.0)
-            out[name] = lo + t * (hi - lo)  # uniform over the cell truncated to [0, 1]
+            lo, hi = rounding_cell(v, self.mantissa_bits)
+            out[name] = lo + rng.uniform(0.0, 1.0, size=lo.shape) * (hi - lo)
         probs, _ = self.adapter.to_simplex(out)
         return np.asarray(ilr(probs)).reshape(len(probs), -1)
 
     def quantise(self, x: np.ndarray) -> np.ndarray:
         """Round ILR points to the stored precision of the tagger columns (forward folding)."""
         from coffea_otcal.geometry import ilr, ilr_inv
+        from coffea_otcal.latent_tagger import quantise_mantissa
 
         cols = self.adapter.from_simplex(np.asarray(ilr_inv(np.asarray(x, dtype=np.float64))))
-        shift = 23 - self.mantissa_bits
-        out = {}
-        for name, v in cols.items():
-            f = np.asarray(v, dtype=np.float32)
-            bits = f.view(np.uint32).astype(np.uint64)
-            mask = np.uint64((0xFFFFFFFF >> shift) << shift)
-            rounded = ((bits + np.uint64(1 << (shift - 1))) & mask).astype(np.uint32)
-            out[name] = rounded.view(np.float32).astype(np.float64)
+        out = {k: quantise_mantissa(v, self.mantissa_bits).astype(np.float64) for k, v in cols.items()}
         probs, _ = self.adapter.to_simplex(out)
         return np.asarray(ilr(probs)).reshape(len(probs), -1)
 

@@ -446,25 +446,14 @@ class FittedMap:
         return self._export.model_dump(mode="json")
 
     def _standardise(self, x: Any, context: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        arr = np.asarray(x, dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            msg = f"map {self.name!r}: x must have shape (n, {self.dim}), got {arr.shape}"
-            raise ValueError(msg)
-        xs = (arr - self.shift) / self.scale
-        if self.context_dim == 0:
-            if context is not None:
-                msg = f"map {self.name!r} is unconditional; pass context=None"
-                raise ValueError(msg)
+        """Checked inputs (:meth:`_inputs`) standardised in float64."""
+        arr, ctx = self._inputs(x, context)
+        xs = (arr.astype(np.float64, copy=False) - self.shift) / self.scale
+        if ctx is None:
             return xs, None
-        if context is None:
-            msg = f"map {self.name!r} needs a context of shape (n, {self.context_dim})"
-            raise ValueError(msg)
-        ctx = np.asarray(context, dtype=np.float64)
-        if ctx.ndim == 1 and self.context_dim == 1:
-            ctx = ctx[:, None]
         assert self.context_shift is not None
         assert self.context_scale is not None
-        return xs, (ctx - self.context_shift) / self.context_scale
+        return xs, (ctx.astype(np.float64, copy=False) - self.context_shift) / self.context_scale
 
     def transport(self, x: Any, context: Any = None, out: np.ndarray | None = None) -> np.ndarray:
         r"""Apply the map to the rows of ``x`` (n, d) with optional raw context (n, k).

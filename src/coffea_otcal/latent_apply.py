@@ -27,6 +27,7 @@ from coffea_otcal.applier import (
     STATUS_DATA,
     STATUS_INVALID_SCORE,
     STATUS_NO_MAP,
+    open_bundle,
     require_fields,
     status_counts,
 )
@@ -70,12 +71,7 @@ class LatentCalibrator:
         dtype: type | str = np.float64,
         flavour_column: str | None = None,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        self.bundle.require_coordinates("latent", "LatentCalibrator")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-            msg = f"LatentCalibrator dtype must be float64 or float32, got {self.dtype}"
-            raise ValueError(msg)
+        self.bundle, self.dtype = open_bundle(bundle, "latent", "LatentCalibrator", dtype)
         self.flavour_column = flavour_column or self.bundle.flavour_column
         spec = self.bundle.adapter
         self.adapter = get_adapter(spec.name, **spec.options)
