@@ -80,7 +80,8 @@ def _read(jets: dict, adapter: object | None) -> dict:
         return jets
     from coffea_otcal.report import requantise
 
-    return {**jets, "probs": requantise(adapter, jets["probs"], 10)}
+    key = {"pt": jets["pt"], "eta": jets["eta"]}
+    return {**jets, "probs": requantise(adapter, jets["probs_raw"], 10, key)}
 
 
 def simulate(cfg: GeneratorConfig, n: int, seed: int, with_context: bool, adapter=None):
@@ -196,7 +197,9 @@ def evaluate(name: str, data, mc, truth, config: EMConfig, seed: int, plots=None
             np.clip(proxy_delta_log_q(log_q, np.asarray(v.delta_fractions), enriched)[:, f], -2, 2)
             for v in variations
         ]
-        y_folded = folder.quantise(y)
+        # folded: both sides rounded to the stored precision (data read with dequantisation
+        # are a continuous sample; without it they are already on the grid)
+        y_folded, xs_folded = folder.quantise(y), folder.quantise(xs)
         for k in range(y.shape[1]):
             lo, hi = np.quantile(xs[:, k], [0.002, 0.998])
             edges = np.linspace(lo, hi, 41)
@@ -216,7 +219,7 @@ def evaluate(name: str, data, mc, truth, config: EMConfig, seed: int, plots=None
                 band2 += np.maximum(*devs) ** 2
             var = hx / hx[ok].sum() ** 2 + hy / hy[ok].sum() ** 2
             chi2b = float((((px - py) ** 2) / (var + band2))[ok].sum())
-            chi2f, ndff = binned_chi2(xs[:, k], y_folded[:, k], edges)
+            chi2f, ndff = binned_chi2(xs_folded[:, k], y_folded[:, k], edges)
             chi_rows.append((cls, k + 1, chi2 / ndf, ndf, chi2b / ndf, chi2f / ndff))
             print(
                 f"{cls:8s} z{k + 1:<4d} {chi2 / ndf:9.2f} {ndf:4d} {chi2b / ndf:17.2f} "

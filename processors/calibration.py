@@ -215,7 +215,7 @@ def skim_columns(
     base = list(dict.fromkeys([*jet_fields, flavour_column, *tagger_columns]))
     needed: tuple[str, ...] = ()
     if calibrator is not None:
-        needed = calibrator.columns if is_data else calibrator.input_columns
+        needed = calibrator.data_columns if is_data else calibrator.input_columns
         require_fields(jets.fields, needed)
     wanted = [f for f in dict.fromkeys([*base, *needed]) if f in jets.fields]
     flat = {f: ak.to_numpy(ak.flatten(ak.without_parameters(jets[f]), axis=1)) for f in wanted}

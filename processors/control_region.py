@@ -484,7 +484,7 @@ class ControlRegionProcessor(processor.ProcessorABC):
             np.int32
         )
 
-        raw = {c: self._field(jets, c, where, "jet") for c in self.adapter.columns}
+        raw = {c: self._field(jets, c, where, "jet") for c in self.adapter.read_columns}
         probs, valid = self.adapter.to_simplex(raw)
         kin = {k: self._field(jets, k, where, "jet").astype(np.float64) for k in self.kinematics}
         latent = (

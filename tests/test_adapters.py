@@ -132,6 +132,8 @@ def test_dequantisation_stays_in_the_rounding_cell_and_is_deterministic():
     rng = np.random.default_rng(4)
     p = rng.dirichlet([0.3, 0.3, 0.3], size=5000)
     cols = {k: quantise_mantissa(v, 10) for k, v in get_adapter("deepjet").from_simplex(p).items()}
+    cols |= {"pt": rng.uniform(20, 200, 5000).astype(np.float32),
+             "eta": rng.uniform(-2.5, 2.5, 5000).astype(np.float32)}
     plain = get_adapter("deepjet", mantissa_bits=10)
     deq = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
     p0, _ = plain.to_simplex(cols)
@@ -153,10 +155,25 @@ def test_dequantisation_stays_in_the_rounding_cell_and_is_deterministic():
     assert np.median(np.abs(z1 - z0)) < 0.01  # a move within the storage precision
     # a stored 1 covers [1 - 2^-12, 1]: it never stays exactly 1 (no p = 0 on a vertex)
     ones = {"btagDeepFlavB": np.ones(1000), "btagDeepFlavCvL": np.ones(1000),
-            "btagDeepFlavCvB": np.linspace(1e-5, 1e-3, 1000)}
+            "btagDeepFlavCvB": np.linspace(1e-5, 1e-3, 1000),
+            "pt": np.full(1000, 50.0), "eta": np.linspace(-2, 2, 1000)}
     p_ones, _ = deq.to_simplex(ones)
     assert np.all(p_ones[:, 2] > 0)
     assert np.all(p_ones[:, 2] <= 2.0**-12 * p_ones[:, 1] / (1 - 2.0**-12) + 1e-18)
+    # jets with identical stored scores but different kinematics land on different points
+    # (a hash of the scores alone would leave the repeated triples as point masses)
+    same = {"btagDeepFlavB": np.full(1000, 0.99951172), "btagDeepFlavCvL": np.full(1000, 0.5),
+            "btagDeepFlavCvB": np.full(1000, 4.88e-4), "pt": np.linspace(20, 300, 1000),
+            "eta": np.zeros(1000)}
+    p_same, _ = deq.to_simplex(same)
+    assert len(np.unique(p_same[:, 0])) == 1000
+    # spread over the whole CvB rounding cell (relative width 2^-11 at this value)
+    assert np.ptp(np.log(p_same[:, 1])) > 0.9 * 2.0**-11
+    with pytest.raises(KeyError, match=r"key columns \['pt', 'eta'\].*\['pt', 'eta'\] are missing"):
+        deq.to_simplex({k: v for k, v in same.items() if k not in ("pt", "eta")})
+    custom = get_adapter("deepjet", mantissa_bits=10, dequantise=True, key_columns=["event"])
+    assert custom.read_columns == ("btagDeepFlavB", "btagDeepFlavCvL", "btagDeepFlavCvB", "event")
+    assert plain.read_columns == plain.columns
     with pytest.raises(ValueError, match="dequantise=True needs mantissa_bits"):
         get_adapter("deepjet", dequantise=True)
 

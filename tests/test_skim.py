@@ -229,7 +229,7 @@ def test_cli_errors_name_the_problem(sample: list[Path], tmp_path: Path, capsys)
     pnet = make_bundle(adapter="pnet", variations={}).save(tmp_path / "pnet.json")
     assert main(["apply", str(pnet), str(sample[0]), "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "tagger columns ['Jet_btagPNetB', 'Jet_btagPNetCvL', 'Jet_btagPNetCvB']" in err
+    assert "columns ['Jet_btagPNetB', 'Jet_btagPNetCvL', 'Jet_btagPNetCvB'] read by adapter 'pnet'" in err
     assert "data_cr_b.root" in err
     assert (
         main(["apply", str(pnet), str(tmp_path / "missing.root"), "-o", str(tmp_path / "o")]) == 1

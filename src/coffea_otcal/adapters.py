@@ -20,8 +20,11 @@ Two families cover the taggers analysts use:
   ``mantissa_bits``): each stored value :math:`v` is replaced by a point of its rounding
   cell :math:`[v - u_-/2,\ v + u_+/2] \cap [0, 1]` (:math:`u_\pm` the spacing of the
   representable values above and below :math:`v`), at a uniform position drawn from a hash
-  of the jet's stored bits (deterministic: the same jet gives the same point in the fill,
-  the trainer and the applier). Quantised scores are point masses and filaments in ILR
+  of the jet's stored tagger bits and of its ``key_columns`` (default ``pt``, ``eta``):
+  deterministic, so the same jet gives the same point in the fill, the trainer and the
+  applier, and different jets with identical stored scores get different points (without
+  the kinematic key, the 8 % of b jets of the demo whose stored B, CvL, CvB repeat exactly
+  stayed point masses). Quantised scores are point masses and filaments in ILR
   coordinates that no smooth transport map or flow can match; the dequantised scores are
   a sample of a continuous density that rounds back to the stored values (Theis et al.
   2016). Calibrated columns written back to a file are rounded again by the writer.
@@ -37,7 +40,7 @@ callers must pass the original values through unchanged (the processors count th
 
 from __future__ import annotations
 
-__all__ = ["ADAPTERS", "TaggerAdapter", "get_adapter", "rounding_cell"]
+__all__ = ["ADAPTERS", "DEFAULT_KEY_COLUMNS", "TaggerAdapter", "get_adapter", "rounding_cell"]
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +49,9 @@ from typing import Any, Literal
 import numpy as np
 
 Kind = Literal["trio", "probabilities"]
+
+#: per-jet columns mixed into the dequantisation hash by default
+DEFAULT_KEY_COLUMNS = ("pt", "eta")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class TaggerAdapter:
         mantissa_bits: stored mantissa bits of the columns (NanoAOD: 10; None: float32).
         dequantise: spread each stored value uniformly over its rounding cell (needs
             ``mantissa_bits``), see the module docstring.
+        key_columns: per-jet columns (e.g. ``pt``, ``eta``) mixed into the dequantisation
+            hash; :meth:`to_simplex` needs them when ``dequantise`` is on.
         options: the keyword options the adapter was built with (for provenance).
 
     Example:
@@ -81,6 +89,7 @@ class TaggerAdapter:
     options: dict[str, Any] = field(default_factory=dict)
     mantissa_bits: int | None = None
     dequantise: bool = False
+    key_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind == "trio" and (len(self.columns) != 3 or len(self.classes) != 3):
@@ -113,6 +122,12 @@ class TaggerAdapter:
         """The number of classes D."""
         return len(self.classes)
 
+    @property
+    def read_columns(self) -> tuple[str, ...]:
+        """Every column :meth:`to_simplex` reads: the tagger's, then the dequantisation key."""
+        key = self.key_columns if self.dequantise else ()
+        return tuple(dict.fromkeys((*self.columns, *key)))
+
     def _column(self, columns: Mapping[str, Any], name: str) -> np.ndarray:
         try:
             values = columns[name]
@@ -130,7 +145,8 @@ class TaggerAdapter:
 
         Arguments:
             columns: a mapping from column name to a flat array (numpy, or anything
-                ``np.asarray`` takes); extra entries are ignored.
+                ``np.asarray`` takes) with at least :attr:`read_columns`; extra entries
+                are ignored.
 
         Returns:
             Probabilities on the simplex (uniform 1/D on invalid rows) and the validity flag.
@@ -140,7 +156,16 @@ class TaggerAdapter:
         valid = np.all(np.isfinite(raw) & (raw >= -tol) & (raw <= 1.0 + tol), axis=-1)
         clean = np.where(valid[:, None], np.clip(raw, 0.0, 1.0), 0.5)
         if self.dequantise:
-            clean = _dequantise(clean, int(self.mantissa_bits or 23))
+            missing = [c for c in self.key_columns if c not in columns]
+            if missing:
+                msg = (
+                    f"adapter {self.name!r} dequantises with the per-jet key columns "
+                    f"{list(self.key_columns)}, but {missing} are missing; pass them with the "
+                    f"tagger columns (or set the adapter option key_columns)"
+                )
+                raise KeyError(msg)
+            key = [self._column(columns, c) for c in self.key_columns]
+            clean = _dequantise(clean, int(self.mantissa_bits or 23), key)
         if self.kind == "trio":
             b, cvl, cvb = clean[:, 0], clean[:, 1], clean[:, 2]
             bits = 23 if self.mantissa_bits is None else self.mantissa_bits
@@ -189,14 +214,15 @@ def _trio(name: str, prefix: str) -> Callable[..., TaggerAdapter]:
         tolerance: float = 1e-6,
         mantissa_bits: int | None = None,
         dequantise: bool = False,
+        key_columns: Sequence[str] = DEFAULT_KEY_COLUMNS,
         **unknown: Any,
     ) -> TaggerAdapter:
         _refuse_unknown(name, unknown)
         cols = tuple(columns) if columns else (f"{prefix}B", f"{prefix}CvL", f"{prefix}CvB")
         opts = {"columns": list(cols), "tolerance": tolerance, "mantissa_bits": mantissa_bits,
-                "dequantise": dequantise}
+                "dequantise": dequantise, "key_columns": list(key_columns)}
         return TaggerAdapter(name, "trio", cols, ("b", "c", "light"), tolerance, opts,
-                             mantissa_bits, dequantise)
+                             mantissa_bits, dequantise, tuple(key_columns))
 
     return build
 
@@ -209,6 +235,7 @@ def _probabilities(name: str, default_columns: Sequence[str] | None) -> Callable
         tolerance: float = 1e-6,
         mantissa_bits: int | None = None,
         dequantise: bool = False,
+        key_columns: Sequence[str] = DEFAULT_KEY_COLUMNS,
         **unknown: Any,
     ) -> TaggerAdapter:
         _refuse_unknown(name, unknown)
@@ -221,8 +248,10 @@ def _probabilities(name: str, default_columns: Sequence[str] | None) -> Callable
             raise ValueError(msg)
         cls = tuple(classes) if classes else ("b", "c", "light")
         opts = {"columns": list(cols), "classes": list(cls), "kind": kind, "tolerance": tolerance,
-                "mantissa_bits": mantissa_bits, "dequantise": dequantise}
-        return TaggerAdapter(name, kind, cols, cls, tolerance, opts, mantissa_bits, dequantise)
+                "mantissa_bits": mantissa_bits, "dequantise": dequantise,
+                "key_columns": list(key_columns)}
+        return TaggerAdapter(name, kind, cols, cls, tolerance, opts, mantissa_bits, dequantise,
+                             tuple(key_columns))
 
     return build
 
@@ -257,13 +286,28 @@ def rounding_cell(v: np.ndarray, mantissa_bits: int) -> tuple[np.ndarray, np.nda
     return np.maximum(v - 0.5 * down, 0.0), np.minimum(v + 0.5 * up, 1.0)
 
 
-def _dequantise(values: np.ndarray, mantissa_bits: int) -> np.ndarray:
-    """Spread ``(n, k)`` stored values over their rounding cells at hash-seeded positions."""
-    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+def _bits(v: np.ndarray) -> np.ndarray:
+    """The float32 bit pattern of each value, as uint64 (a stable per-value hash input)."""
+    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+
+
+def _dequantise(
+    values: np.ndarray, mantissa_bits: int, key_columns: Sequence[np.ndarray] = ()
+) -> np.ndarray:
+    """Spread ``(n, k)`` stored values over their rounding cells at hash-seeded positions.
+
+    The hash mixes the float32 bits of every stored value and of every key column.
+    """
+    parts = [_bits(values[:, j]) for j in range(values.shape[1])]
+    for col in key_columns:
+        if np.shape(col) != (len(values),):
+            msg = f"dequantisation key column has shape {np.shape(col)}, expected ({len(values)},)"
+            raise ValueError(msg)
+        parts.append(_bits(col))
     with np.errstate(over="ignore"):
         key = np.zeros(len(values), dtype=np.uint64)
-        for j in range(values.shape[1]):
-            key = _mix(key ^ (bits[:, j] + _GOLDEN * np.uint64(j + 1)))
+        for j, part in enumerate(parts):
+            key = _mix(key ^ (part + _GOLDEN * np.uint64(j + 1)))
         out = np.empty_like(values)
         for j in range(values.shape[1]):
             t = (_mix(key + _GOLDEN * np.uint64(j + 1)) >> np.uint64(11)).astype(np.float64)
@@ -298,8 +342,8 @@ def get_adapter(name: str, **options: Any) -> TaggerAdapter:
             ``generic``.
         **options: ``columns=[...]`` overrides the column names; the probability family
             also takes ``classes=[...]`` and ``kind`` (``generic`` with ``kind="trio"``
-            reads any B/CvL/CvB trio); all take ``tolerance``, ``mantissa_bits`` and
-            ``dequantise``.
+            reads any B/CvL/CvB trio); all take ``tolerance``, ``mantissa_bits``,
+            ``dequantise`` and ``key_columns``.
 
     Returns:
         The adapter.

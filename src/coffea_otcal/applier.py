@@ -222,10 +222,15 @@ class Calibrator:
         return self.bundle.variation_names
 
     @property
+    def data_columns(self) -> tuple[str, ...]:
+        """Every Jet field a data jet needs: the tagger columns (and the dequantisation key)."""
+        return self.adapter.read_columns
+
+    @property
     def input_columns(self) -> tuple[str, ...]:
-        """Every Jet field an MC calibration reads (tagger, flavour, context columns)."""
-        ctx = tuple(dict.fromkeys(v.column for v in self.bundle.context))
-        return (*self.columns, self.flavour_column, *ctx)
+        """Every Jet field an MC calibration reads (tagger, key, flavour, context columns)."""
+        ctx = tuple(v.column for v in self.bundle.context)
+        return tuple(dict.fromkeys((*self.data_columns, self.flavour_column, *ctx)))
 
     def fitted_map(self, flavour: int, variation: str = "nominal") -> FittedMap:
         """The numpy evaluator of one map (built once, then cached)."""
@@ -452,7 +457,7 @@ class Calibrator:
         if depth not in (1, 2):
             msg = f"calibrate_jets takes flat or jagged (events x jets) jets, got type {jets.type}"
             raise ValueError(msg)
-        needed = self.columns if is_data else self.input_columns
+        needed = self.data_columns if is_data else self.input_columns
         require_fields(jets.fields, needed)
         counts = None if depth == 1 else np.asarray(ak.to_numpy(ak.num(jets, axis=1)))
         cols = {}

@@ -329,7 +329,7 @@ def _response(
     raw, latent = lt.tagger_scores(features, pt64, eta64, net)
     if latent is not None:
         jets["latent"] = latent
-    adapter = get_adapter(config.tagger)
+    adapter = get_adapter(config.tagger, mantissa_bits=config.mantissa_bits if config.quantise else None)
     columns = {
         name: (
             lt.quantise_mantissa(col, config.mantissa_bits)

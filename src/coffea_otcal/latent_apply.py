@@ -94,6 +94,11 @@ class LatentCalibrator:
         return len(self.columns)
 
     @property
+    def data_columns(self) -> tuple[str, ...]:
+        """Every Jet field a data jet needs (the latent columns)."""
+        return self.columns
+
+    @property
     def input_columns(self) -> tuple[str, ...]:
         """Every Jet field an MC calibration reads (latent columns and the flavour)."""
         return (*self.columns, self.flavour_column)
@@ -162,7 +167,7 @@ class LatentCalibrator:
         Returns:
             ``{"<latent col>_otcal": ..., "otcal_status": ..., ["p_<class>_otcal", "<col>_otcal"]}``.
         """
-        needed = self.columns if is_data else self.input_columns
+        needed = self.data_columns if is_data else self.input_columns
         missing = [c for c in needed if c not in columns]
         if missing:
             msg = (
@@ -213,7 +218,7 @@ class LatentCalibrator:
         if jets.ndim not in (1, 2) or not jets.fields:
             msg = f"calibrate_jets takes flat or jagged (events x jets) records, got {jets.type}"
             raise ValueError(msg)
-        needed = self.columns if is_data else self.input_columns
+        needed = self.data_columns if is_data else self.input_columns
         require_fields(jets.fields, needed, "latent bundle")
         counts = ak.num(jets, axis=1) if jets.ndim == 2 else None
         cols = {}

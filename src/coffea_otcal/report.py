@@ -94,14 +94,19 @@ def detect_mantissa_bits(raw: np.ndarray, max_bits: int = 22) -> int | None:
     return None
 
 
-def requantise(adapter: Any, probs: np.ndarray, bits: int | None) -> np.ndarray:
-    """Round calibrated probabilities through the tagger's own columns at ``bits`` mantissa bits."""
+def requantise(
+    adapter: Any, probs: np.ndarray, bits: int | None, key: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Round calibrated probabilities through the tagger's own columns at ``bits`` mantissa bits.
+
+    ``key`` holds the per-jet columns of a dequantising adapter (its ``key_columns``).
+    """
     if bits is None:
         return probs
     from coffea_otcal.latent_tagger import quantise_mantissa
 
     cols = {k: quantise_mantissa(v, bits) for k, v in adapter.from_simplex(probs).items()}
-    out, valid = adapter.to_simplex(cols)
+    out, valid = adapter.to_simplex({**(key or {}), **cols})
     return np.where(valid[:, None], out, probs)
 
 
@@ -118,7 +123,8 @@ def _calibrate_region(cal: Any, probs: np.ndarray, flavour: np.ndarray,
             continue
         kin_m = {k: v[m] for k, v in kin.items()}
         for name in cal.bundle.map_names:
-            out[name][m] = requantise(adapter, cal.calibrate_probs(probs[m], code, kin_m, name), bits)
+            out[name][m] = requantise(adapter, cal.calibrate_probs(probs[m], code, kin_m, name), bits,
+                                     kin_m)
     return out
 
 
@@ -264,7 +270,8 @@ def _per_flavour_truth(config: PipelineConfig, cal: Any, truth: Mapping[str, Any
         from coffea_otcal.adapters import get_adapter
 
         adapter = get_adapter(cal.bundle.adapter.name, **cal.bundle.adapter.options)
-        after = requantise(adapter, cal.calibrate_probs(mc_probs, int(code), mc_kin, "nominal"), bits)
+        after = requantise(adapter, cal.calibrate_probs(mc_probs, int(code), mc_kin, "nominal"), bits,
+                           mc_kin)
         res = {}
         for name in DISCRIMINANTS:
             hd = _hist(discriminant_values(data_probs, name, 1.0), np.ones(len(data_probs)), config.closure.bins)

@@ -91,10 +91,10 @@ def _check_inputs(
                 msg = f"{str(path)!r} has no tree {treename!r}; keys: {handle.keys()[:20]}"
                 raise ValueError(msg)
             branches = set(handle[treename].keys())
-        missing = [c for c in calibrator.columns if not _has_field(branches, collection, c)]
+        missing = [c for c in calibrator.data_columns if not _has_field(branches, collection, c)]
         if missing:
             msg = (
-                f"tagger columns {[f'{collection}_{c}' for c in missing]} of adapter "
+                f"columns {[f'{collection}_{c}' for c in missing]} read by adapter "
                 f"{calibrator.adapter.name!r} are missing from {str(path)!r}; choose the bundle "
                 f"that matches the file's tagger"
             )
