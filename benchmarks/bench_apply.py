@@ -221,6 +221,8 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
         "without calibration": {"calibrate": False},
         "calibrated, float64 maps": {"precision": "float64"},
         "calibrated, float32 maps": {"precision": "float32"},
+        "calibrated, float64 maps, + probabilities": {"precision": "float64", "probabilities": True},
+        "calibrated, float32 maps, + probabilities": {"precision": "float32", "probabilities": True},
         "calibrated, float64 maps, PICNN (32, 32) trunk (32, 32)": {
             "precision": "float64",
             "bundle_path": big_path,

@@ -138,6 +138,7 @@ def skim_record(
     flat_names: bool = False,
     flavour_column: str = "hadronFlavour",
     tagger_columns: Sequence[str] = (),
+    probabilities: bool = False,
 ) -> dict[str, Any]:
     """Select the skim's columns: event fields and one jet record (plain awkward arrays).
 
@@ -150,6 +151,9 @@ def skim_record(
         flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
         flavour_column: flavour field kept when present (without a calibrator).
         tagger_columns: tagger fields kept (without a calibrator).
+        probabilities: also keep the calibrated probabilities ``p_<class>_otcal`` and
+            ``OTCAL_<v>.up/down.p_<class>`` (they follow from the tagger columns through the
+            adapter; by default a skim keeps the tagger's own columns only).
 
     Returns:
         ``{event field: array, collection: jagged jet record}``.
@@ -163,9 +167,19 @@ def skim_record(
     ]
     calibrated += [f"{c}_orig" for c in tagger_columns if f"{c}_orig" in jets.fields]
     keep = [f for f in dict.fromkeys([*base, *calibrated]) if f in jets.fields]
+    if not probabilities:
+        keep = [f for f in keep if not _is_probability(f)]
     fields: dict[str, Any] = {}
     for name in keep:
         value = ak.without_parameters(jets[name])
+        if not probabilities and name.startswith("OTCAL_"):
+            value = ak.zip(
+                {
+                    side: value[side][[f for f in value[side].fields if not f.startswith("p_")]]
+                    for side in value.fields
+                },
+                depth_limit=2,
+            )
         if flat_names:
             _flatten_record(name, value, fields)
         else:
@@ -187,6 +201,7 @@ def skim_columns(
     jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
     event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
     flat_names: bool = False,
+    probabilities: bool = False,
 ) -> tuple[dict[str, Any], dict[str, int] | None]:
     """Skim record of one chunk from flat columns: flatten once, numpy, build the layout once.
 
@@ -201,6 +216,7 @@ def skim_columns(
         jet_fields: extra jet fields kept when present.
         event_fields: event-level fields kept when present.
         flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
+        probabilities: also write the calibrated probabilities (see :func:`skim_record`).
 
     A float32 calibrator writes its calibrated columns as float32, the precision NanoAOD
     stores tagger scores in (a float64 calibrator writes float64).
@@ -226,12 +242,28 @@ def skim_columns(
             {c: flat[c] for c in needed}, is_data=is_data, variations=variations
         )
         flags = status_counts(out["otcal_status"], out["otcal_clamped"])
+        if not probabilities:
+            out = _without_probabilities(out)
         fields.update(_to_float32(out) if calibrator.dtype == np.float32 else out)
     if flat_names:
         fields = _flat_names(fields)
     record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
     record[collection] = jet_record(fields, ak.to_numpy(ak.num(jets, axis=1)))
     return record, flags
+
+
+def _is_probability(name: str) -> bool:
+    """A calibrated probability field (``p_<class>_otcal`` or, inside a variation, ``p_<class>``)."""
+    return name.startswith("p_")
+
+
+def _without_probabilities(fields: dict[str, Any]) -> dict[str, Any]:
+    """Drop the probability leaves of a (nested) calibrated column mapping."""
+    return {
+        k: _without_probabilities(v) if isinstance(v, dict) else v
+        for k, v in fields.items()
+        if not _is_probability(k)
+    }
 
 
 def _to_float32(fields: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +357,8 @@ class CalibrationProcessor(ProcessorABC):
             skim-cost benchmark).
         jet_fields: extra jet fields kept in skims.
         event_fields: event fields kept in skims.
+        probabilities: skims also keep the calibrated probabilities (default: the tagger's
+            own calibrated columns only).
 
     Returns (from ``process``):
         ``{"events", "jets", "status": {name: count}, "clamped", "parts": [names], "bytes"}``
@@ -345,6 +379,7 @@ class CalibrationProcessor(ProcessorABC):
         calibrate: bool = True,
         jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
         event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+        probabilities: bool = False,
     ) -> None:
         if fmt not in ("parquet", "root"):
             msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
@@ -360,6 +395,7 @@ class CalibrationProcessor(ProcessorABC):
         self.calibrate = calibrate
         self.jet_fields = tuple(jet_fields)
         self.event_fields = tuple(event_fields)
+        self.probabilities = probabilities
 
     def process(self, events: Any) -> dict[str, Any]:
         """Calibrate one chunk; write its skim part and/or run the inner processor."""
@@ -392,6 +428,7 @@ class CalibrationProcessor(ProcessorABC):
                 jet_fields=self.jet_fields,
                 event_fields=self.event_fields,
                 flat_names=self.fmt == "root",
+                probabilities=self.probabilities,
             )
             suffix = ".parquet" if self.fmt == "parquet" else ".root"
             name = _part_name(dict(getattr(events, "metadata", None) or {}), suffix)
@@ -426,6 +463,7 @@ class CalibrationProcessor(ProcessorABC):
             jet_fields=self.jet_fields,
             event_fields=self.event_fields,
             flat_names=self.fmt == "root",
+            probabilities=self.probabilities,
         )
         if flags is not None:
             counts["clamped"] = flags.pop("clamped")

@@ -79,8 +79,11 @@ def test_eager_skim_content_matches_direct_calibration(
         assert max(map(len, chunks)) <= 60  # coffea splits a file into chunks of ~40 events
         assert len(chunks) == max(1, round(len(events) / 40))
         assert got.event.tolist() == events.event.tolist()
-        for field in ("btagDeepFlavB_otcal", "p_light_otcal", "otcal_status"):
+        for field in ("btagDeepFlavB_otcal", "btagDeepFlavCvL_otcal", "otcal_status"):
             assert ak.all(got.Jet[field] == ref[field])
+        # probabilities only on request (--probabilities): the tagger columns carry them
+        assert "p_light_otcal" not in got.Jet.fields
+        assert "p_light" not in got.Jet.OTCAL_comp.down.fields
         assert ak.all(
             got.Jet.OTCAL_comp.down.btagDeepFlavCvL == ref.OTCAL_comp.down.btagDeepFlavCvL
         )
@@ -99,7 +102,8 @@ def test_root_skim_is_nanoaod_readable(
     sample: list[Path], bundle_path: Path, eager_skim: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "rootskim"
-    manifest = run_skim(bundle_path, sample[2:3], out, fmt="root", chunksize=1000, progress=False)
+    manifest = run_skim(bundle_path, sample[2:3], out, fmt="root", chunksize=1000, progress=False,
+                        probabilities=True)
     (name,) = manifest["parts"]
     tree = uproot.open(out / name)["Events"]
     keys = set(tree.keys())
@@ -107,6 +111,8 @@ def test_root_skim_is_nanoaod_readable(
         "nJet",
         "Jet_btagDeepFlavB_otcal",
         "Jet_OTCAL_comp_up_btagDeepFlavB",
+        "Jet_OTCAL_comp_up_p_b",
+        "Jet_p_b_otcal",
         "Jet_otcal_status",
         "event",
     } <= keys
@@ -117,7 +123,12 @@ def test_root_skim_is_nanoaod_readable(
         [v for k, v in read_parts(eager_skim).items() if k.startswith("mc_cr_b")]
     )
     assert ak.all(events.Jet.btagDeepFlavB_otcal == parquet.Jet.btagDeepFlavB_otcal)
-    assert ak.all(events.Jet.OTCAL_comp_down_p_c == parquet.Jet.OTCAL_comp.down.p_c)
+    assert ak.all(
+        events.Jet.OTCAL_comp_down_btagDeepFlavCvL == parquet.Jet.OTCAL_comp.down.btagDeepFlavCvL
+    )
+    cal = Calibrator(bundle_path)
+    ref = cal.calibrate_jets(events.Jet[[*cal.input_columns]], is_data=False)
+    assert ak.all(events.Jet.OTCAL_comp_down_p_c == ref.OTCAL_comp.down.p_c)
 
 
 def test_dask_local_cluster_skim_is_identical_to_eager(
@@ -268,9 +279,9 @@ def test_malloc_trim_option() -> None:
         _trim_option("lots")
 
 
-@pytest.mark.parametrize("flat_names", [False, True])
+@pytest.mark.parametrize(("flat_names", "probabilities"), [(False, False), (True, False), (False, True)])
 def test_skim_columns_equal_the_event_assignment_route(
-    sample: list[Path], bundle_path: Path, tmp_path: Path, flat_names: bool
+    sample: list[Path], bundle_path: Path, tmp_path: Path, flat_names: bool, probabilities: bool
 ) -> None:
     """The skim's direct route gives the record of add_calibrated_columns + skim_record."""
     cal = Calibrator(bundle_path)
@@ -294,14 +305,22 @@ def test_skim_columns_equal_the_event_assignment_route(
                 flavour_column=cal.flavour_column,
                 is_data=is_data,
                 flat_names=flat_names,
+                probabilities=probabilities,
             )
             slow_events = events()
             if calibrator is not None:
                 slow_events = calibration.add_calibrated_columns(slow_events, cal, is_data=is_data)
-            slow = calibration.skim_record(slow_events, cal, flat_names=flat_names)
+            slow = calibration.skim_record(
+                slow_events, cal, flat_names=flat_names, probabilities=probabilities
+            )
             a, b = ak.zip(fast, depth_limit=1), ak.zip(slow, depth_limit=1)
             assert str(a.type) == str(b.type)
             assert ak.array_equal(a, b, equal_nan=True)
+            if calibrator is not None and not is_data:
+                # probabilities only on request; the tagger's own columns always
+                text = str(a.type)
+                assert ("p_b:" in text or "p_b_otcal" in text) == probabilities
+                assert f"{cal.columns[0]}_otcal" in a.Jet.fields
             if calibrator is None:
                 assert flags is None
                 assert not any("otcal" in f.lower() for f in a.Jet.fields)

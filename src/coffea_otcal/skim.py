@@ -199,6 +199,7 @@ def run_skim(
     overwrite: bool = False,
     malloc_trim_threshold: MallocTrim = DEFAULT_MALLOC_TRIM_THRESHOLD,
     precision: Literal["float64", "float32"] = "float64",
+    probabilities: bool = False,
 ) -> dict[str, Any]:
     """Calibrate ``files`` with ``bundle`` and write a skim folder ``output`` atomically.
 
@@ -224,6 +225,9 @@ def run_skim(
             ``"unset"`` (glibc's dynamic thresholds) or None (distributed's 65536).
         precision: float precision of the potential evaluation (``Calibrator`` ``dtype``;
             float32 is about 2x faster, ~1e-5 from float64); ignored for a Calibrator.
+        probabilities: also write the calibrated probabilities ``p_<class>_otcal`` and
+            ``OTCAL_<v>.up/down.p_<class>``; by default the skim holds the tagger's own
+            calibrated columns, from which the adapter recovers them exactly.
 
     Returns:
         The manifest written to ``output/otcal_skim.json``.
@@ -250,6 +254,7 @@ def run_skim(
             collection=collection,
             variations=variations,
             calibrate=calibrate,
+            probabilities=probabilities,
             data_datasets=[name for name, e in fileset.items() if e["metadata"]["is_data"]],
         )
         # coffea's rich bars render their final state even when disabled: swallow them.
@@ -350,6 +355,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float64",
         help="float precision of the map evaluation (float32: about 2x faster)",
     )
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write the calibrated probabilities p_<class> (default: the tagger's own "
+        "calibrated columns only, from which the adapter recovers them)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
@@ -398,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         overwrite=args.overwrite,
         precision=args.precision,
+        probabilities=args.probabilities,
         malloc_trim_threshold=args.malloc_trim_threshold,
     )
     sys.stdout.write(
