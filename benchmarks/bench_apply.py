@@ -267,7 +267,8 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
         return
     print("\n## 3. Dask: 2-worker LocalCluster vs eager (same files, same chunks, float64)")
     t_dask, _, man_dask = skim_dir(
-        files, bundle_path, tmp / "dask", chunksize=chunksize, executor="dask", workers=2
+        files, bundle_path, tmp / "dask", chunksize=chunksize, executor="dask", workers=2,
+        precision="float64",
     )
     eager_dir = tmp / "calibrated__float64_maps"
     diffs = [compare_parts(eager_dir / p, tmp / "dask" / p) for p in manifest["parts"]]

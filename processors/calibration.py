@@ -165,10 +165,10 @@ def skim_record(
     calibrated = [
         f for f in jets.fields if f.endswith("_otcal") or f.startswith(("otcal_", "OTCAL_"))
     ]
+    if not probabilities:  # only the applier's own p_<class>_otcal, never a user field
+        calibrated = [f for f in calibrated if not _is_probability(f)]
     calibrated += [f"{c}_orig" for c in tagger_columns if f"{c}_orig" in jets.fields]
     keep = [f for f in dict.fromkeys([*base, *calibrated]) if f in jets.fields]
-    if not probabilities:
-        keep = [f for f in keep if not _is_probability(f)]
     fields: dict[str, Any] = {}
     for name in keep:
         value = ak.without_parameters(jets[name])
@@ -253,7 +253,8 @@ def skim_columns(
 
 
 def _is_probability(name: str) -> bool:
-    """A calibrated probability field (``p_<class>_otcal`` or, inside a variation, ``p_<class>``)."""
+    """A calibrated probability field of the applier's output: ``p_<class>_otcal`` or, in a
+    variation record, ``p_<class>`` (only ever applied to the applier's fields)."""
     return name.startswith("p_")
 
 
