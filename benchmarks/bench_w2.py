@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="append one JSON line per run")
     parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -59,6 +60,7 @@ def main() -> None:
             activation=args.activation,
             eval_every=args.eval_every or max(steps // 10, 1),
             g_steps=10,
+            dtype=args.dtype,
         )
         start, cpu0 = time.perf_counter(), time.process_time()
         fm = fit_ot_map(
@@ -83,6 +85,7 @@ def main() -> None:
             "n": args.n,
             "threads": args.threads,
             "activation": args.activation,
+            "dtype": args.dtype,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
