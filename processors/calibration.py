@@ -253,8 +253,11 @@ def skim_columns(
 
 
 def _is_probability(name: str) -> bool:
-    """A calibrated probability field of the applier's output: ``p_<class>_otcal`` or, in a
-    variation record, ``p_<class>`` (only ever applied to the applier's fields)."""
+    """Whether an applier output field is a calibrated probability.
+
+    ``p_<class>_otcal``, or ``p_<class>`` in a variation record; only ever applied to the
+    applier's own fields, never to user jet fields.
+    """
     return name.startswith("p_")
 
 
