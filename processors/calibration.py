@@ -175,7 +175,7 @@ def skim_record(
         if not probabilities and name.startswith("OTCAL_"):
             value = ak.zip(
                 {
-                    side: value[side][[f for f in value[side].fields if not f.startswith("p_")]]
+                    side: value[side][[f for f in value[side].fields if not _is_probability(f)]]
                     for side in value.fields
                 },
                 depth_limit=2,
