@@ -19,6 +19,7 @@ from coffea_otcal.em import (
     prior_logit_covariance,
 )
 from coffea_otcal.em import _map_logits as map_logits
+from coffea_otcal.em_diagnostics import compute_diagnostics
 from coffea_otcal.flows import FlowConfig
 
 torch.set_num_threads(1)
@@ -117,7 +118,12 @@ def test_map_logits_limits():
 def test_fit_recovers_fractions_and_densities(fitted, regions):
     _, _, truth = regions
     true = np.array([DATA_FRACTIONS[r] for r in fitted.regions])
-    assert np.abs(fitted.fractions - true).max() < 0.03
+    # within 2 effective sigma (K&Y eq. 61) of the truth, as the EM issue asks: 1200 jets per
+    # region leave deviations of ~0.03 (measured 1.2-1.6 sigma_eff for the largest ones),
+    # which move by float rounding across CPUs
+    sigma = np.asarray(compute_diagnostics(fitted).fraction_errors_eff)
+    assert np.all(np.abs(fitted.fractions - true) < 2 * sigma), (fitted.fractions, sigma)
+    assert np.abs(fitted.fractions - true).max() < 0.045
     # the fit moved from the prior (MC) composition towards the truth
     prior = np.array([MC_FRACTIONS[r] for r in fitted.regions])
     assert np.abs(fitted.fractions - true).sum() < 0.6 * np.abs(prior - true).sum()

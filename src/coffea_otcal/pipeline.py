@@ -89,6 +89,12 @@ class OTStageConfig(_Model):
     max_source: int | None = Field(
         200_000, ge=100, description="subsample each flavour's source to at most this many jets"
     )
+    workers: int | None = Field(
+        None, ge=1,
+        description="processes that train maps side by side, one torch thread each on a CPU "
+        "with as many cores (None: one per CPU; 1: one map after the other in this process; "
+        "on CUDA always 1); not part of the stage's cache key",
+    )
 
 
 class ClosureConfig(_Model):

@@ -38,7 +38,7 @@ def stage_config(config: PipelineConfig, name: str) -> dict[str, Any]:
                 "crs": config.cr_names, "context": [c.model_dump() for c in config.context],
                 "targets": config.targets.model_dump()}
     if name == "ot":
-        return {**common, "ot": config.ot.model_dump()}
+        return {**common, "ot": config.ot.model_dump(exclude={"workers"})}
     if name == "export":
         return {"export": config.export.model_dump()}
     return {**common, "closure": config.closure.model_dump(), "vr": config.validation_regions}
@@ -149,11 +149,20 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
 # ----------------------------------------------------------------------------- ot
 
 
+def _fit_kwargs(source: Mapping[str, Any], target: tuple[Any, Any, Any], cfg: Any, name: str,
+                **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of ``fit_ot_map`` for one map (picklable: sent to OT workers)."""
+    y, yc, yw = target
+    return {**source, "target": y, "target_context": yc, "target_weight": yw,
+            "config": cfg.model_dump(), "name": name, **extra}
+
+
 def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
                  progress: bool, truth: Any) -> dict[str, Any]:
     """Nominal and variation maps per flavour, assembled into ``bundle.json.gz``."""
     from coffea_otcal.bundle import Bundle
-    from coffea_otcal.ot import fit_ot_map
+    from coffea_otcal.ot import resolve_device
+    from coffea_otcal.ot_pool import MapJob, train_maps
     from coffea_otcal.variations import Targets
 
     store = _store(results)
@@ -169,9 +178,9 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     variations = list(targets.meta.variations)
     if config.ot.max_variations is not None:
         variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
-    maps: dict[tuple[int, str], Any] = {}
-    metrics: dict[str, float] = {}
+    device = str(resolve_device(config.device))
     ckpt = _checkpoint_dir(config, results, "ot", "em")
+    jobs = []
     for flav, tgt in targets.flavours.items():
         code = codes[flav]
         src_x, src_c, src_w = tgt.source_x, tgt.source_context, tgt.source_weight
@@ -179,23 +188,22 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
             keep = np.sort(rng.choice(len(src_x), config.ot.max_source, replace=False))
             src_x, src_w = src_x[keep], src_w[keep]
             src_c = None if src_c is None else src_c[keep]
-        y, yc, yw = tgt.target()
-        nominal = fit_ot_map(src_x, y, source_context=src_c, target_context=yc,
-                             source_weight=src_w, target_weight=yw, config=nominal_cfg,
-                             device=config.device, seed=config.seed, progress=progress,
-                             checkpoint_dir=ckpt, name=f"{flav}")
-        maps[(code, "nominal")] = nominal.export()
-        for key, value in (nominal.export().get("metrics") or {}).items():
-            if isinstance(value, (int, float)):
-                metrics[f"{flav}/nominal/{key}"] = float(value)
-        for var in variations:
-            for direction in ("up", "down"):
-                y, yc, yw = tgt.target(var.name, direction)
-                fitted = fit_ot_map(src_x, y, source_context=src_c, target_context=yc,
-                                    source_weight=src_w, target_weight=yw, config=var_cfg,
-                                    device=config.device, seed=config.seed, progress=False,
-                                    init_from=nominal, name=f"{flav}/{var.name}_{direction}")
-                maps[(code, f"{var.name}_{direction}")] = fitted.export()
+        source = {"source": src_x, "source_context": src_c, "source_weight": src_w,
+                  "device": device, "seed": config.seed}
+        var_jobs = [
+            MapJob((code, f"{var.name}_{direction}"),
+                   _fit_kwargs(source, tgt.target(var.name, direction), var_cfg,
+                               f"{flav}/{var.name}_{direction}", progress=False))
+            for var in variations for direction in ("up", "down")
+        ]
+        jobs.append(MapJob((code, "nominal"),
+                           _fit_kwargs(source, tgt.target(), nominal_cfg, flav,
+                                       progress=progress, checkpoint_dir=ckpt), var_jobs))
+    maps = train_maps(jobs, config.ot.workers, device, progress)
+    metrics = {f"{flav}/nominal/{key}": float(value)
+               for flav, job in zip(targets.flavours, jobs, strict=True)
+               for key, value in (maps[job.key].get("metrics") or {}).items()
+               if isinstance(value, (int, float))}
     fill_meta = store.metadata
     bundle = Bundle.from_maps(
         maps,

@@ -1,0 +1,140 @@
+"""Training of a bundle's maps in worker processes: each nominal map, then its variations."""
+
+from __future__ import annotations
+
+__all__ = ["MapJob", "fit_map_job", "resolve_workers", "train_maps"]
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MapJob:
+    """One map to fit: the keyword arguments of :func:`coffea_otcal.ot.fit_ot_map`.
+
+    Attributes:
+        key: the map's name in the bundle, e.g. ``(5, "nominal")`` or ``(5, "em_prior_1_up")``.
+        fit: keyword arguments of ``fit_ot_map`` (arrays, ``config`` as a dict, ``seed``,
+            ``device``, ``checkpoint_dir``, ``name``); ``init_from`` is filled in by
+            :func:`train_maps` for variations.
+        variations: jobs warm-started from this one's result (a nominal map's variations).
+    """
+
+    key: tuple[int, str]
+    fit: Mapping[str, Any]
+    variations: Sequence[MapJob] = field(default_factory=tuple)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | None, n_maps: int, device: str) -> tuple[int, int]:
+    """``(processes, torch threads per process)`` for ``workers`` (None: one per CPU).
+
+    On CUDA the maps train one after the other in this process (one device). Small ILR
+    maps use two threads poorly (measured 1.33x faster than one thread on this 2-core
+    CPU), so by default each CPU runs its own map on one thread.
+    """
+    cpus = _cpus()
+    if device.startswith("cuda"):
+        return 1, 0
+    procs = max(1, min(workers if workers is not None else cpus, n_maps))
+    return procs, max(1, cpus // procs)
+
+
+def fit_map_job(fit: Mapping[str, Any], init_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fit one map (in this process or in a worker) and return its JSON-able export."""
+    from coffea_otcal.kernels import FittedMap
+    from coffea_otcal.ot import OTConfig, fit_ot_map
+
+    kwargs = dict(fit)
+    kwargs["config"] = OTConfig.model_validate(kwargs["config"])
+    init = None if init_from is None else FittedMap(init_from)
+    return fit_ot_map(init_from=init, **kwargs).export()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _count(jobs: Sequence[MapJob]) -> int:
+    return sum(1 + _count(job.variations) for job in jobs)
+
+
+def _train_here(jobs: Sequence[MapJob], init: Mapping[str, Any] | None,
+                out: dict[tuple[int, str], dict[str, Any]]) -> None:
+    for job in jobs:
+        out[job.key] = fit_map_job(job.fit, init)
+        _train_here(job.variations, out[job.key], out)
+
+
+def train_maps(
+    jobs: Sequence[MapJob], workers: int | None = None, device: str = "cpu", progress: bool = True
+) -> dict[tuple[int, str], dict[str, Any]]:
+    """Fit every job and its variations; returns the exports in the order of the jobs.
+
+    With more than one worker the maps train in ``spawn``-ed processes: all nominal maps at
+    once, and each variation as soon as the map it starts from is done. Every map is fitted
+    from its own seed, so the result does not depend on the order in which workers finish;
+    the thread layout may change float rounding, not the numbers that matter.
+
+    Arguments:
+        jobs: the nominal maps, each with its variations.
+        workers: processes (None: one per CPU; 1: this process, one map after the other).
+        device: the resolved torch device type (``"cpu"``, ``"cuda"``...).
+        progress: a bar over the maps (worker processes draw none of their own).
+
+    Returns:
+        ``{key: export}`` for every job and variation, jobs first then their variations.
+    """
+    procs, threads = resolve_workers(workers, _count(jobs), device)
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    if procs == 1:
+        _train_here(jobs, None, out)
+    else:
+        logger.info("training %d maps in %d processes x %d threads", _count(jobs), procs, threads)
+        fits = {job.key: replace(job, fit={**job.fit, "progress": False}) for job in jobs}
+        with (
+            ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_init_worker, initargs=(threads,)) as pool,
+            tqdm(total=_count(jobs), desc="OT maps", unit="map", disable=not progress) as bar,
+        ):
+            pending: dict[Future[dict[str, Any]], MapJob] = {
+                pool.submit(fit_map_job, job.fit): job for job in fits.values()
+            }
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    try:
+                        out[job.key] = future.result()
+                    except BaseException:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+                    bar.update()
+                    for var in job.variations:
+                        pending[pool.submit(fit_map_job, var.fit, out[job.key])] = var
+    order: list[tuple[int, str]] = []
+
+    def walk(items: Sequence[MapJob]) -> None:
+        for job in items:
+            order.append(job.key)
+            walk(job.variations)
+
+    walk(jobs)
+    return {key: out[key] for key in order}
