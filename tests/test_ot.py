@@ -354,3 +354,22 @@ def test_train_maps_names_flavour_without_targets():
         train_maps(src, tgt, columns=["z0", "z1"], flavour_column="f", progress=False)
     with pytest.raises(KeyError, match=r"columns \['zz'\] not found in source"):
         train_maps(src, tgt, columns=["zz"], progress=False)
+
+
+def test_selection_last_returns_the_final_state():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1500, 2))
+    y = rng.normal(size=(1500, 2)) * 0.7 + 0.5
+    cfg = {**FAST, "steps": 120, "eval_every": 30}
+    best = fit_ot_map(x, y, config=OTConfig(**cfg), device="cpu", progress=False, seed=2)
+    last = fit_ot_map(x, y, config=OTConfig(**cfg, selection="last"), device="cpu",
+                      progress=False, seed=2)
+    duals = [h["val_dual"] for h in best.metrics["history"]]
+    assert best.metrics["val_dual"] == min(duals)
+    assert last.metrics["best_step"] == 120
+    assert last.metrics["val_dual"] == last.metrics["history"][-1]["val_dual"]
+    assert [h["val_dual"] for h in last.metrics["history"]] == duals  # same training
+    if best.metrics["best_step"] == 120:
+        np.testing.assert_array_equal(best.transport(x[:50]), last.transport(x[:50]))
+    else:
+        assert not np.allclose(best.transport(x[:50]), last.transport(x[:50]))

@@ -82,6 +82,12 @@ class OTConfig(BaseModel):
     patience: int | None = Field(
         default=None, ge=1, description="stop after this many evaluations without improvement"
     )
+    selection: Literal["dual", "last"] = Field(
+        default="dual",
+        description="returned state: 'dual', the evaluation with the lowest held-out dual; "
+        "'last', the final state of the annealed schedule (where the held-out dual is too "
+        "flat to rank states, e.g. ILR maps of b jets: docs/ot.md)",
+    )
     checkpoint_every: int = Field(default=500, ge=1)
     min_samples: int = Field(default=100, ge=2, description="fewest jets accepted per side")
     negative_weights: Literal["keep", "clip"] = Field(
@@ -357,7 +363,8 @@ def fit_ot_map(
     solves the Makkuva et al. minimax (Mind the Gap eq. 7, ``method="minimax"``). Data
     are standardised with one common affine map of isotropic scale (the map stays a
     gradient of a convex function in the original coordinates); context per coordinate.
-    The returned map is the state with the lowest held-out dual (no ground truth used).
+    The returned map is the state with the lowest held-out dual (no ground truth used), or
+    with ``selection="last"`` the final state of the schedule.
 
     Arguments:
         source: (n, d) source samples (e.g. MC ILR coordinates of one flavour).
@@ -550,8 +557,11 @@ def fit_ot_map(
         torch.save(trainer.state(), ckpt)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     assert trainer.best is not None
-    best_dual, best_step, best_states = trainer.best
-    g.load_state_dict(best_states[0])
+    if cfg.selection == "dual" or diverged:
+        best_dual, best_step, best_states = trainer.best
+        g.load_state_dict(best_states[0])
+    else:  # the annealed final state, evaluated at the last step (or at an early stop)
+        best_dual, best_step = trainer.history[-1]["val_dual"], trainer.history[-1]["step"]
     metrics = {
         "method": cfg.method,
         "best_step": best_step,

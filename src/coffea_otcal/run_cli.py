@@ -89,7 +89,7 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
         # flows need no extra jitter (docs/em.md, "Flow jitter")
         "em": {"max_iterations": 20, "shape_warmup": 5, "flow": {"dequantize_sigma": 0.0}},
         "ot": {"nominal": {"steps": 2500, "patience": None, "batch_size": 4096, "init": "identity",
-                           "lr": 0.02},
+                           "lr": 0.02, "selection": "last"},
                "variation_steps": 100},
     }
     return load_pipeline_config(raw)
