@@ -373,3 +373,22 @@ def test_selection_last_returns_the_final_state():
         np.testing.assert_array_equal(best.transport(x[:50]), last.transport(x[:50]))
     else:
         assert not np.allclose(best.transport(x[:50]), last.transport(x[:50]))
+
+
+def test_checkpoint_of_another_training_is_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(600, 2))
+    y = 0.5 + rng.normal(size=(600, 2)) * 0.7
+    cfg = OTConfig(steps=20, batch_size=128, eval_every=10, identity_steps=5, hidden=(8, 8))
+    kwargs = {"config": cfg, "device": "cpu", "progress": False, "checkpoint_dir": tmp_path,
+              "name": "c"}
+    fit_ot_map(x, y, seed=1, **kwargs)
+    again = fit_ot_map(x, y, seed=1, **kwargs)  # the same training: resumed at its end
+    assert again.metrics["resumed_from"] == 20
+    for change in ({"seed": 2}, {"target": y + 0.1}, {"source_weight": np.full(600, 2.0)}):
+        args = {"source": x, "target": y, "seed": 1, **change}
+        with pytest.raises(ValueError, match=r"map 'c': checkpoint .*c\.ckpt\.pt was written for"):
+            fit_ot_map(args.pop("source"), args.pop("target"), **args, **kwargs)
+    # stopping rules may change on resume
+    longer = fit_ot_map(x, y, seed=1, **{**kwargs, "config": cfg.model_copy(update={"patience": 3})})
+    assert longer.metrics["resumed_from"] == 20

@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = ["FittedMap", "OTConfig", "default_hidden", "fit_ot_map", "resolve_device"]
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -331,6 +333,26 @@ class _Trainer:
         return dual
 
 
+def _fingerprint(arrays: tuple[Any, ...], cfg: OTConfig, seed: int,
+                 init_from: FittedMap | None) -> str:
+    """SHA-256 of what a training depends on: a checkpoint resumes only the same training."""
+    digest = hashlib.sha256()
+    for arr in arrays:
+        if arr is None:
+            digest.update(b"none")
+            continue
+        arr = np.ascontiguousarray(arr)
+        digest.update(f"{arr.shape}{arr.dtype}".encode())
+        digest.update(arr.tobytes())
+    # stopping rules may change on resume; everything else sets the trajectory
+    stopping = {"max_time_s", "patience", "checkpoint_every"}
+    digest.update(cfg.model_dump_json(exclude=stopping).encode())
+    digest.update(str(seed).encode())
+    if init_from is not None:
+        digest.update(json.dumps(init_from.export()["potential"], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def _checkpoint_path(checkpoint_dir: Path | str | None, name: str) -> Path | None:
     if checkpoint_dir is None:
         return None
@@ -377,7 +399,8 @@ def fit_ot_map(
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``, ...
         seed: seed of the initialisation, split and batch order (reproducible on CPU).
         progress: show a tqdm progress bar.
-        checkpoint_dir: folder for ``<name>.ckpt.pt``; an existing checkpoint is resumed.
+        checkpoint_dir: folder for ``<name>.ckpt.pt``; an existing checkpoint of the same
+            training (inputs, settings, seed) is resumed, any other is refused.
         init_from: warm start (e.g. a variation from the nominal map); its preprocessing
             and architecture are reused and identity pre-training is skipped.
         name: label used in errors, logs and the export (e.g. ``"b"`` or ``"b/jesUp"``).
@@ -479,10 +502,21 @@ def fit_ot_map(
         trainer.x_hat = (trainer.tgt.x - b_t) @ a_inv_t
         trainer.x_hat_val = (trainer.tgt_val.x - b_t) @ a_inv_t
     ckpt = _checkpoint_path(checkpoint_dir, name)
+    fingerprint = None if ckpt is None else _fingerprint(
+        (source, target, source_context, target_context, source_weight, target_weight),
+        cfg, seed, init_from,
+    )
     start, start_cpu = time.perf_counter(), time.process_time()
     resumed_from = 0
     if ckpt is not None and ckpt.is_file():
-        trainer.load(torch.load(ckpt, map_location=dev, weights_only=False))
+        saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        if saved.get("fingerprint") != fingerprint:
+            msg = (
+                f"map {name!r}: checkpoint {ckpt} was written for other inputs, settings or "
+                "seed (or by an older coffea-otcal); delete it or use another checkpoint_dir"
+            )
+            raise ValueError(msg)
+        trainer.load(saved)
         resumed_from = trainer.step
         logger.info("map %r: resumed from %s at step %d", name, ckpt, trainer.step)
     elif init_from is None and cfg.init == "identity":
@@ -551,10 +585,10 @@ def fit_ot_map(
                 )
                 break
         if ckpt is not None and trainer.step % cfg.checkpoint_every == 0:
-            torch.save(trainer.state(), ckpt)
+            torch.save({**trainer.state(), "fingerprint": fingerprint}, ckpt)
     bar.close()
     if ckpt is not None and not diverged:
-        torch.save(trainer.state(), ckpt)
+        torch.save({**trainer.state(), "fingerprint": fingerprint}, ckpt)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     assert trainer.best is not None
     if cfg.selection == "dual" or diverged:
