@@ -27,6 +27,19 @@ from coffea_otcal.ot import OTConfig, fit_ot_map
 from coffea_otcal.variations import Targets
 
 
+def discriminant_chi2(moved: np.ndarray, target: np.ndarray) -> list[float]:
+    """20-bin shape chi2/ndf of D_bc, D_cl, D_hfl (kappa = 1) between two ILR samples."""
+    p_moved, p_target = geometry.ilr_inv(moved), geometry.ilr_inv(target)
+    edges = np.linspace(0.0, 1.0, 21)
+    chi2 = []
+    for name in ("D_bc", "D_cl", "D_hfl"):
+        a = np.histogram(np.clip(discriminant_values(p_moved, name, 1.0), 0, 1 - 1e-12), edges)[0]
+        b = np.histogram(np.clip(discriminant_values(p_target, name, 1.0), 0, 1 - 1e-12), edges)[0]
+        a, b = a.astype(float), b.astype(float)
+        chi2.append(round(shape_chi2(a, a, b, b).chi2_ndf, 2))
+    return chi2
+
+
 def main() -> None:
     """Fit and score one map (arguments: run folder, flavour label, JSON overrides)."""
     torch.set_num_threads(1)
@@ -41,14 +54,7 @@ def main() -> None:
                         config=OTConfig(**settings), progress=False, seed=1)
     wall = time.perf_counter() - start
     moved = fitted.transport(tgt.source_x)
-    p_moved, p_target = geometry.ilr_inv(moved), geometry.ilr_inv(y)
-    edges = np.linspace(0.0, 1.0, 21)
-    chi2 = []
-    for name in ("D_bc", "D_cl", "D_hfl"):
-        a = np.histogram(np.clip(discriminant_values(p_moved, name, 1.0), 0, 1 - 1e-12), edges)[0]
-        b = np.histogram(np.clip(discriminant_values(p_target, name, 1.0), 0, 1 - 1e-12), edges)[0]
-        a, b = a.astype(float), b.astype(float)
-        chi2.append(round(shape_chi2(a, a, b, b).chi2_ndf, 2))
+    chi2 = discriminant_chi2(moved, y)
     metrics = fitted.export()["metrics"]
     print(f"| {flav} | {json.dumps(over)} | {wall:.1f} | {metrics['best_step']} | "
           f"{classifier_auc(moved, y, seed=1):.4f} | {chi2[0]} | {chi2[1]} | {chi2[2]} |")

@@ -20,29 +20,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from coffea_otcal import geometry
 from coffea_otcal import ot as ot_module
-from coffea_otcal.closure import classifier_auc, discriminant_values, shape_chi2
+from coffea_otcal.closure import classifier_auc
 from coffea_otcal.em_result import EMResult
 from coffea_otcal.kernels import FittedMap
 from coffea_otcal.potentials import potential_from_export
 from coffea_otcal.variations import Targets
 
-EDGES = np.linspace(0, 1, 21)
-
-
-def chi2s(moved, target):
-    pa, pb = geometry.ilr_inv(moved), geometry.ilr_inv(target)
-    out = []
-    for name in ("D_bc", "D_cl", "D_hfl"):
-        h1 = np.histogram(np.clip(discriminant_values(pa, name, 1.0), 0, 1 - 1e-12), EDGES)[0]
-        h2 = np.histogram(np.clip(discriminant_values(pb, name, 1.0), 0, 1 - 1e-12), EDGES)[0]
-        h1, h2 = h1.astype(float), h2.astype(float)
-        out.append(round(shape_chi2(h1, h1, h2, h2).chi2_ndf, 2))
-    return out
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_ilr_maps import discriminant_chi2
 
 
 def main():
@@ -76,7 +64,7 @@ def main():
         at_step = copy.deepcopy(export)
         at_step["potential"] = g.export()
         moved = FittedMap(at_step).transport(x)
-        print(step, round(dual, 5), chi2s(moved, fresh),
+        print(step, round(dual, 5), discriminant_chi2(moved, fresh),
               round(classifier_auc(moved, fresh, seed=1), 4), flush=True)
 
 
