@@ -84,3 +84,6 @@ def test_resolve_workers(monkeypatch):
     assert resolve_workers(2, 39, "cpu") == (2, 4)
     assert resolve_workers(1, 39, "cpu") == (1, 8)
     assert resolve_workers(None, 39, "cuda")[0] == 1
+    monkeypatch.setattr(ot_pool, "_cpus", lambda: 64)
+    assert resolve_workers(None, 39, "cpu") == (8, 8)  # capped: each process holds torch
+    assert resolve_workers(16, 39, "cpu") == (16, 4)

@@ -41,17 +41,24 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_workers(workers: int | None, n_maps: int, device: str) -> tuple[int, int]:
-    """``(processes, torch threads per process)`` for ``workers`` (None: one per CPU).
+#: Default cap on worker processes: each holds torch and its data; beyond a few more than
+#: the nominal maps, extra processes only shorten the variations' last wave.
+MAX_DEFAULT_WORKERS = 8
 
-    On CUDA the maps train one after the other in this process (one device). Small ILR
-    maps use two threads poorly (measured 1.33x faster than one thread on this 2-core
-    CPU), so by default each CPU runs its own map on one thread.
+
+def resolve_workers(workers: int | None, n_maps: int, device: str) -> tuple[int, int]:
+    """``(processes, torch threads per process)`` for ``workers``.
+
+    ``None``: one process per CPU, at most :data:`MAX_DEFAULT_WORKERS`, the CPUs shared
+    out as threads. On CUDA the maps train one after the other in this process (one
+    device). Small ILR maps use two threads poorly (1.33x faster than one thread on the
+    2-core CPU of ``docs/ot.md``), so each CPU runs its own map where there are enough.
     """
     cpus = _cpus()
     if device.startswith("cuda"):
         return 1, 0
-    procs = max(1, min(workers if workers is not None else cpus, n_maps))
+    wanted = workers if workers is not None else min(cpus, MAX_DEFAULT_WORKERS)
+    procs = max(1, min(wanted, n_maps))
     return procs, max(1, cpus // procs)
 
 

@@ -92,8 +92,8 @@ class OTStageConfig(_Model):
     )
     workers: int | None = Field(
         None, ge=1,
-        description="processes that train maps side by side, one torch thread each on a CPU "
-        "with as many cores (None: one per CPU; 1: one map after the other in this process; "
+        description="processes that train maps side by side, the CPUs shared out as torch "
+        "threads (None: one per CPU, at most 8; 1: one map after the other in this process; "
         "on CUDA always 1); not part of the stage's cache key",
     )
 
