@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +91,19 @@ def test_resolve_workers(monkeypatch):
     monkeypatch.setattr(ot_pool, "_cpus", lambda: 64)
     assert resolve_workers(None, 39, "cpu") == (8, 8)  # capped: each process holds torch
     assert resolve_workers(16, 39, "cpu") == (16, 4)
+
+
+def test_script_without_main_guard_gets_a_clear_error(tmp_path):
+    """'spawn' re-imports the calling script: an unguarded one is told what to do."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_ot_pool import _jobs\n"
+        "from coffea_otcal.ot_pool import train_maps\n"
+        "train_maps(_jobs(), workers=2, progress=False)\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode != 0
+    assert 'guard its entry point with `if __name__ == "__main__":`' in run.stderr

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -130,6 +131,14 @@ def train_maps(
                     job = pending.pop(future)
                     try:
                         out[job.key] = future.result()
+                    except BrokenProcessPool as exc:
+                        msg = (
+                            f"the OT worker processes died while training map {job.key}: with "
+                            "'spawn', a script that trains maps must guard its entry point with "
+                            "`if __name__ == \"__main__\":`; otherwise look for a worker killed "
+                            "for memory, or train in this process with workers=1 (ot.workers: 1)"
+                        )
+                        raise RuntimeError(msg) from exc
                     except BaseException:
                         pool.shutdown(wait=False, cancel_futures=True)
                         raise
