@@ -53,11 +53,12 @@ import platform
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coffea_otcal.versions import installed_version
 
 #: the bundle schema version this code writes and the newest it reads.
 SCHEMA_VERSION = 1
@@ -86,14 +87,6 @@ def _finite(value: Any, where: str) -> None:
         raise ValueError(msg)
 
 
-def _pkg_version(name: str) -> str | None:
-    """The installed version of distribution ``name`` without importing it (None if absent)."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 class WriterInfo(_Model):
     """Who wrote the file: package and library versions (scikit-hep ``writer_info``)."""
 
@@ -114,8 +107,8 @@ class WriterInfo(_Model):
         return cls(
             version=__version__,
             python=platform.python_version(),
-            numpy=_pkg_version("numpy"),
-            torch=_pkg_version("torch"),
+            numpy=installed_version("numpy"),
+            torch=installed_version("torch"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
 

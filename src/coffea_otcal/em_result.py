@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coffea_otcal.versions import package_versions
+
 if TYPE_CHECKING:
     from coffea_otcal.em import EMConfig
 
@@ -226,11 +228,7 @@ class EMResult:
 
 def writer_info() -> dict[str, str]:
     """Versions of the packages that wrote a file."""
-    import torch
-
-    from coffea_otcal import __version__
-
-    return {"coffea_otcal": __version__, "torch": torch.__version__, "numpy": np.__version__}
+    return package_versions("torch", "numpy")
 
 
 def atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from coffea_otcal import latent_tagger as lt
 from coffea_otcal.adapters import get_adapter
 from coffea_otcal.latent_tagger import quantise_mantissa
+from coffea_otcal.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -526,19 +527,9 @@ def _write_root(
 
 
 def _writer_info() -> dict[str, str]:
-    import awkward as ak
-    import uproot
-
-    from coffea_otcal import __version__
-
-    return {
-        "package": "coffea-otcal",
-        "version": __version__,
-        "numpy": np.__version__,
-        "awkward": ak.__version__,
-        "uproot": uproot.__version__,
-        "python": sys.version.split()[0],
-    }
+    versions = package_versions("numpy", "awkward", "uproot")
+    return {"package": "coffea-otcal", "version": versions.pop("coffea_otcal"), **versions,
+            "python": sys.version.split()[0]}
 
 
 def generate(

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coffea_otcal import geometry
+from coffea_otcal.versions import package_versions
 
 #: Version of the store layout written by this module (``docs/store.md``).
 schema_version = 1
@@ -156,20 +157,7 @@ class StoreMetadata(_Model):
 
 def writer_info() -> dict[str, str]:
     """Versions of the packages that wrote a file (recorded in every store)."""
-    import awkward
-    import coffea
-    import uproot
-
-    from coffea_otcal import __version__
-
-    return {
-        "coffea_otcal": __version__,
-        "coffea": coffea.__version__,
-        "uproot": uproot.__version__,
-        "awkward": awkward.__version__,
-        "pyarrow": pa.__version__,
-        "numpy": np.__version__,
-    }
+    return package_versions("coffea", "uproot", "awkward", "pyarrow", "numpy")
 
 
 def _column_names(meta: StoreMetadata) -> dict[str, list[str]]:
