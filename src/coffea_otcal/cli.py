@@ -55,12 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.captureWarnings(True)  # library warnings (e.g. CompositionWarning) once, as logs
     try:
         return int(module.run(args))
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
         logging.getLogger("coffea_otcal").debug("error", exc_info=True)
         sys.stderr.write(f"coffea-otcal {args.command}: error: {err}\n")
         return 1
+    finally:
+        logging.captureWarnings(False)
 
 
 if __name__ == "__main__":  # pragma: no cover

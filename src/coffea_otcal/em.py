@@ -269,7 +269,6 @@ def check_composition(pi: np.ndarray, regions: Sequence[str], config: EMConfig) 
             "by up to kappa (Kim & Yang eq. 26-27)"
         )
         warnings.warn(msg, CompositionWarning, stacklevel=3)
-        logger.warning(msg)
     return kappa
 
 

@@ -307,7 +307,6 @@ def compute_diagnostics(
                 "check the prior centre and width"
             )
             warnings.warn(msg, CompositionWarning, stacklevel=2)
-            logger.warning(msg)
             notes.append(msg)
     kappa = condition_number(fractions)
     for i in np.flatnonzero(~stable):
