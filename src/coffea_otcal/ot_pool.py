@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MapJob", "fit_map_job", "resolve_workers", "train_maps"]
+__all__ = ["MAX_DEFAULT_WORKERS", "MapJob", "fit_map_job", "resolve_workers", "train_maps"]
 
 import logging
 import multiprocessing
@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -80,6 +80,11 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _quiet(job: MapJob) -> dict[str, Any]:
+    """The job's arguments without a progress bar (workers draw none: the caller has one)."""
+    return {**job.fit, "progress": False}
+
+
 def _count(jobs: Sequence[MapJob]) -> int:
     return sum(1 + _count(job.variations) for job in jobs)
 
@@ -103,7 +108,8 @@ def train_maps(
 
     Arguments:
         jobs: the nominal maps, each with its variations.
-        workers: processes (None: one per CPU; 1: this process, one map after the other).
+        workers: processes (None: one per CPU, at most :data:`MAX_DEFAULT_WORKERS`; 1: this
+            process, one map after the other).
         device: the resolved torch device type (``"cpu"``, ``"cuda"``...).
         progress: a bar over the maps (worker processes draw none of their own).
 
@@ -116,14 +122,13 @@ def train_maps(
         _train_here(jobs, None, out)
     else:
         logger.info("training %d maps in %d processes x %d threads", _count(jobs), procs, threads)
-        fits = {job.key: replace(job, fit={**job.fit, "progress": False}) for job in jobs}
         with (
             ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_init_worker, initargs=(threads,)) as pool,
             tqdm(total=_count(jobs), desc="OT maps", unit="map", disable=not progress) as bar,
         ):
             pending: dict[Future[dict[str, Any]], MapJob] = {
-                pool.submit(fit_map_job, job.fit): job for job in fits.values()
+                pool.submit(fit_map_job, _quiet(job)): job for job in jobs
             }
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -144,7 +149,7 @@ def train_maps(
                         raise
                     bar.update()
                     for var in job.variations:
-                        pending[pool.submit(fit_map_job, var.fit, out[job.key])] = var
+                        pending[pool.submit(fit_map_job, _quiet(var), out[job.key])] = var
     order: list[tuple[int, str]] = []
 
     def walk(items: Sequence[MapJob]) -> None:
