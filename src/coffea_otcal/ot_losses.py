@@ -112,10 +112,11 @@ def solve_conjugate(
         move = cand - xa
         curv = (move * (g_new - ga)).sum(-1)
         bb = (move * move).sum(-1) / curv.clamp(min=1e-30)
+        ga = torch.where(ok[:, None], g_new, ga)
         x[active] = torch.where(ok[:, None], cand, xa)
-        grad[active] = torch.where(ok[:, None], g_new, ga)
+        grad[active] = ga
         phi[active] = torch.where(ok, phi_new, pa)
-        res[active] = ya - grad[active]
+        res[active] = ya - ga
         eta[active] = torch.where(ok, bb.clamp(1e-4, eta_max), ea * 0.25)
     return x, phi, eta
 

@@ -85,8 +85,9 @@ def _quiet(job: MapJob) -> dict[str, Any]:
     return {**job.fit, "progress": False}
 
 
-def _count(jobs: Sequence[MapJob]) -> int:
-    return sum(1 + _count(job.variations) for job in jobs)
+def _keys(jobs: Sequence[MapJob]) -> list[tuple[int, str]]:
+    """Every job's key, each job followed by its variations (the order of the result)."""
+    return [key for job in jobs for key in (job.key, *_keys(job.variations))]
 
 
 def _train_here(jobs: Sequence[MapJob], init: Mapping[str, Any] | None,
@@ -116,16 +117,17 @@ def train_maps(
     Returns:
         ``{key: export}`` for every job and variation, jobs first then their variations.
     """
-    procs, threads = resolve_workers(workers, _count(jobs), device)
+    keys = _keys(jobs)
+    procs, threads = resolve_workers(workers, len(keys), device)
     out: dict[tuple[int, str], dict[str, Any]] = {}
     if procs == 1:
         _train_here(jobs, None, out)
     else:
-        logger.info("training %d maps in %d processes x %d threads", _count(jobs), procs, threads)
+        logger.info("training %d maps in %d processes x %d threads", len(keys), procs, threads)
         with (
             ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_init_worker, initargs=(threads,)) as pool,
-            tqdm(total=_count(jobs), desc="OT maps", unit="map", disable=not progress) as bar,
+            tqdm(total=len(keys), desc="OT maps", unit="map", disable=not progress) as bar,
         ):
             pending: dict[Future[dict[str, Any]], MapJob] = {
                 pool.submit(fit_map_job, _quiet(job)): job for job in jobs
@@ -150,12 +152,4 @@ def train_maps(
                     bar.update()
                     for var in job.variations:
                         pending[pool.submit(fit_map_job, _quiet(var), out[job.key])] = var
-    order: list[tuple[int, str]] = []
-
-    def walk(items: Sequence[MapJob]) -> None:
-        for job in items:
-            order.append(job.key)
-            walk(job.variations)
-
-    walk(jobs)
-    return {key: out[key] for key in order}
+    return {key: out[key] for key in keys}

@@ -88,11 +88,10 @@ def demo_config(sample: Any, seed: int) -> PipelineConfig:
         # the adapter dequantises rounded scores (float32 ones have no point masses), so the
         # flows need no extra jitter (docs/em.md, "Flow jitter")
         "em": {"max_iterations": 20, "shape_warmup": 5, "flow": {"dequantize_sigma": 0.0}},
-        "ot": {"nominal": {"steps": 2500, "patience": None, "batch_size": 4096, "init": "identity",
-                           "lr": 0.02, "selection": "last"},
-               # half the nominal's batch: the 36 warm-started variation maps were a third
-               # of the OT stage's work (docs/methods.md, session 4)
-               "variation_steps": 100, "variation_batch_size": 2048},
+        # nominal maps: the pipeline's defaults (OTStageConfig.nominal); variation maps at
+        # half the nominal's batch: the 36 of them were a third of the OT stage's work
+        # (docs/methods.md, session 4)
+        "ot": {"variation_steps": 100, "variation_batch_size": 2048},
     }
     return load_pipeline_config(raw)
 
