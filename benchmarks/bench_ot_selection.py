@@ -3,7 +3,8 @@
 Reads a finished pipeline run (``coffea-otcal demo --out DIR``): the flavour's MC source and
 nominal EM target (``DIR/em/targets.npz``), the EM flows (``DIR/em/em_result.npz``) and the
 nominal OT settings (``DIR/pipeline.json``), overridden by the JSON argument. It fits the map
-on one CPU thread, keeps the potential at every evaluation, and prints per evaluation: step,
+on one CPU thread, keeps the potential at every evaluation (the parameter average with
+``ema_decay``: what would be returned), and prints per evaluation: step,
 held-out dual (what ``selection="dual"`` ranks by), the 20-bin shape chi2/ndf of D_bc, D_cl,
 D_hfl (kappa = 1) and the classifier AUC between the moved source and a FRESH sample of the
 EM flow of that flavour (not the training target). The first line names the step the
@@ -42,7 +43,7 @@ def main():
 
     def keep(trainer):
         dual = evaluate(trainer)
-        snaps.append((trainer.step, dual, copy.deepcopy(trainer.nets[0].state_dict())))
+        snaps.append((trainer.step, dual, copy.deepcopy(trainer.eval_net.state_dict())))
         return dual
 
     ot_module._Trainer.evaluate = keep

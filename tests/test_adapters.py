@@ -79,7 +79,8 @@ def test_gn2_probabilities_with_subcomposition_and_total():
 def test_generic_adapter_with_user_columns_and_trio_kind():
     ad = get_adapter("generic", columns=["pb", "pc", "pu", "ptau"], classes=["b", "c", "u", "tau"])
     probs, valid = ad.to_simplex({"pb": [0.1], "pc": [0.2], "pu": [0.3], "ptau": [0.4]})
-    assert ad.n_classes == 4 and valid.all()
+    assert ad.n_classes == 4
+    assert valid.all()
     np.testing.assert_allclose(probs, [[0.1, 0.2, 0.3, 0.4]])
     trio = get_adapter("generic", kind="trio", columns=["B", "CvL", "CvB"])
     probs, _ = trio.to_simplex({"B": [0.5], "CvL": [0.5], "CvB": [0.2]})
@@ -123,7 +124,8 @@ def test_cvb_route_agrees_with_b_route_on_real_nanoaod():
     saturated = (1.0 - b) < 2.0**-6
     assert 100 < saturated.sum() < 200  # 126 DeepJet jets: the route matters on real data
     probs, _ = get_adapter("deepjet", mantissa_bits=10).to_simplex(raw)
-    assert np.all(probs[saturated, 1] > 0) and np.all(probs[saturated, 2] > 0)
+    assert np.all(probs[saturated, 1] > 0)
+    assert np.all(probs[saturated, 2] > 0)
 
 
 def test_dequantisation_stays_in_the_rounding_cell_and_is_deterministic():

@@ -69,7 +69,7 @@ def test_discriminant_histograms_fill_including_quantised_vertices():
 def test_classifier_auc_near_half_for_same_distribution_and_high_for_shift():
     rng = np.random.default_rng(3)
     same = classifier_auc(rng.normal(size=(6000, 2)), rng.normal(size=(6000, 2)), seed=1)
-    shifted = classifier_auc(rng.normal(size=(6000, 2)), rng.normal(size=(6000, 2)) + [0.5, 0.0], seed=1)
+    shifted = classifier_auc(rng.normal(size=(6000, 2)), rng.normal(size=(6000, 2)) + np.array([0.5, 0.0]), seed=1)
     assert abs(same - 0.5) < 0.03
     # two unit Gaussians 0.5 apart: optimal AUC = Phi(0.5 / sqrt(2)) = 0.638
     assert shifted == pytest.approx(stats.norm.cdf(0.5 / np.sqrt(2)), abs=0.03)

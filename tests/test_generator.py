@@ -236,7 +236,8 @@ def test_quantised_scores_sit_on_the_nanoaod_grid():
     assert (b == 1.0).sum() > 100  # point mass at the vertex, as in real NanoAOD
     # ... where the adapter takes p_c / p_b from CvB, so p_b stays below 1
     pb = jets["probs"][:, 0]
-    assert pb.max() < 1.0 and np.all(jets["probs"][b == 1.0, 1] > 0)
+    assert pb.max() < 1.0
+    assert np.all(jets["probs"][b == 1.0, 1] > 0)
     raw = sample_response(
         cfg.model_copy(update={"quantise": False}), "b", 40_000, False, np.random.default_rng(1)
     )

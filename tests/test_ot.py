@@ -392,3 +392,39 @@ def test_checkpoint_of_another_training_is_refused(tmp_path):
     # stopping rules may change on resume
     longer = fit_ot_map(x, y, seed=1, **{**kwargs, "config": cfg.model_copy(update={"patience": 3})})
     assert longer.metrics["resumed_from"] == 20
+
+
+def test_parameter_average_is_returned_and_resumes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2000, 2))
+    y = 0.5 + rng.normal(size=(2000, 2)) * 0.7
+    base = {"steps": 60, "batch_size": 128, "eval_every": 20, "checkpoint_every": 20,
+            "identity_steps": 10, "hidden": (8, 8), "selection": "last"}
+    kwargs = {"device": "cpu", "progress": False, "seed": 3}
+    plain = fit_ot_map(x, y, config=OTConfig(**base), **kwargs)
+    # a vanishing decay makes the average the last iterate: the same map
+    nearly = fit_ot_map(x, y, config=OTConfig(**base, ema_decay=1e-12), **kwargs)
+    xt = rng.normal(size=(200, 2)) * 2
+    np.testing.assert_allclose(nearly.transport(xt), plain.transport(xt), atol=1e-6)
+    averaged = fit_ot_map(x, y, config=OTConfig(**base, ema_decay=0.9), **kwargs)
+    assert np.max(np.abs(averaged.transport(xt) - plain.transport(xt))) > 1e-4
+    # the average is a convex potential: its map is monotone
+    x1, x2 = rng.normal(size=(2, 500, 2)) * 3
+    inner = np.sum((averaged.transport(x1) - averaged.transport(x2)) * (x1 - x2), 1)
+    assert np.all(inner >= 0)
+    # the average is part of the checkpoint: an interrupted training resumes to the same map
+    original = ot_module._Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 45:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ot_module._Trainer, "train_step", interrupted)
+    cfg = OTConfig(**base, ema_decay=0.9)
+    with pytest.raises(KeyboardInterrupt):
+        fit_ot_map(x, y, config=cfg, checkpoint_dir=tmp_path, name="b", **kwargs)
+    monkeypatch.setattr(ot_module._Trainer, "train_step", original)
+    resumed = fit_ot_map(x, y, config=cfg, checkpoint_dir=tmp_path, name="b", **kwargs)
+    assert resumed.metrics["resumed_from"] == 40
+    np.testing.assert_allclose(resumed.transport(xt), averaged.transport(xt), atol=1e-6)

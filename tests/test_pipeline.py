@@ -31,6 +31,7 @@ from coffea_otcal.pipeline import (
 from coffea_otcal.report import detect_mantissa_bits
 from coffea_otcal.run_cli import _truth, demo_config
 from coffea_otcal.store import load_store
+from coffea_otcal.variations import Targets
 
 # The tiny EM fit (2 iterations on 1000 jets per region) lands a couple of prior sigma away
 # from the prior centre; the diagnostics warn about it, which is expected here.
@@ -126,6 +127,28 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     var = bundle.variation_names[0]
     assert set(bundle.map_names) == {"nominal", f"{var}_up", f"{var}_down"}
     assert finished.stages["ot"].summary["maps"] == 3 * 3
+    # common fine-tune: the published nominal is the first-stage map fine-tuned like its
+    # variations (same steps and batches); a variation that leaves a flavour's target
+    # unchanged gets that nominal map without training
+    targets = Targets.load(finished.stages["em"].folder / "targets.npz")
+    by_key = {(m.flavour, m.variation): m.map for m in bundle.maps}
+    shared = 0
+    for flav, code in zip(targets.meta.classes, targets.meta.flavour_codes, strict=True):
+        nominal = by_key[(code, "nominal")]
+        assert nominal.name == f"{flav}/nominal"
+        assert nominal.metrics["steps"] == 5  # variation_steps of _tiny
+        assert bundle.provenance.metrics[f"{flav}/nominal/steps"] == 30  # the first stage
+        tgt = targets.flavours[flav]
+        for direction in ("up", "down"):
+            varied = by_key[(code, f"{var}_{direction}")]
+            if np.allclose(tgt.target(var, direction)[2], tgt.target()[2], rtol=1e-9, atol=0):
+                shared += 1
+                assert varied.potential == nominal.potential
+            else:
+                assert varied.potential != nominal.potential
+    summary = finished.stages["ot"].summary
+    assert summary["shared_with_nominal"] == shared
+    assert summary["trained"] == 3 + 3 + 3 * 2 - shared
 
     cset = correctionlib.CorrectionSet.from_file(str(finished.correctionlib))
     assert sorted(cset.keys()) == ["otcal_deepjet_z1", "otcal_deepjet_z2"]
@@ -268,6 +291,33 @@ def test_forced_stage_reruns_it_and_everything_after(
     ]
     with pytest.raises(ValueError, match="unknown stages"):
         run_pipeline(config, out, stages=["calibrate"], progress=False)
+
+
+def test_variation_with_unchanged_target_shares_the_nominal_map(
+    finished: PipelineResult, config: PipelineConfig, tmp_path: Path
+) -> None:
+    out = _copy_run(finished, tmp_path)
+    path = out / "em" / "targets.npz"
+    targets = Targets.load(path)
+    var = Bundle.load(finished.bundle).variation_names[0]  # the one variation trained
+    light = targets.flavours["light"]
+    _, down = light.variation_weights[var]
+    # a variation without a component on the light flavour: its up target is the nominal's
+    # up to rounding (as the EM variations that act on other flavours only)
+    light.variation_weights[var] = (light.target_weight * (1 + 1e-13), down)
+    targets.save(path)
+    result = run_pipeline(config, out, stages=["ot"], force=["ot"], progress=False)
+    summary = result.stages["ot"].summary
+    assert summary["shared_with_nominal"] == 1
+    assert summary["trained"] == 3 + 3 + 3 * 2 - 1
+    by_key = {(m.flavour, m.variation): m.map for m in Bundle.load(result.bundle).maps}
+    assert by_key[(0, f"{var}_up")].potential == by_key[(0, "nominal")].potential
+    assert by_key[(0, f"{var}_down")].potential != by_key[(0, "nominal")].potential
+    # every other flavour's nominal is the one of the finished run: same first stage
+    # (resumed from its checkpoint) and the same fine-tune
+    before = {(m.flavour, m.variation): m.map for m in Bundle.load(finished.bundle).maps}
+    for code in (5, 4, 0):
+        assert by_key[(code, "nominal")].potential == before[(code, "nominal")].potential
 
 
 def test_leftover_tmp_and_incomplete_manifests_are_never_reused(
@@ -499,7 +549,8 @@ def test_unconditional_default_gives_context_free_maps(
     config = PipelineConfig.model_validate(raw)
     out = _copy_run(finished, tmp_path)  # reuse the fill stage of the conditional run
     result = run_pipeline(config, out, progress=False)
-    assert result.stages["fill"].cached and not result.stages["em"].cached
+    assert result.stages["fill"].cached
+    assert not result.stages["em"].cached
     bundle = Bundle.load(result.bundle)
     assert bundle.context == []
     assert {m.map.potential.kind for m in bundle.maps} == {"icnn"}

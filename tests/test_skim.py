@@ -355,7 +355,8 @@ def test_float32_calibrator_writes_float32_columns(sample: list[Path], bundle_pa
         out[dtype] = record["Jet"]
     column = f"{Calibrator(bundle_path).columns[0]}_otcal"
     lo, hi = ak.flatten(out[np.float32][column]), ak.flatten(out[np.float64][column])
-    assert str(ak.type(lo)).endswith("float32") and str(ak.type(hi)).endswith("float64")
+    assert str(ak.type(lo)).endswith("float32")
+    assert str(ak.type(hi)).endswith("float64")
     assert len(lo) > 100
     np.testing.assert_allclose(ak.to_numpy(lo), ak.to_numpy(hi), rtol=1e-5, atol=1e-6)
     assert ak.flatten(out[np.float32].otcal_status).type == ak.flatten(out[np.float64].otcal_status).type

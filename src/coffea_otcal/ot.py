@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from coffea_otcal.kernels import FITTED_MAP_FORMAT, FITTED_MAP_VERSION, FittedMap
@@ -89,6 +90,15 @@ class OTConfig(BaseModel):
         description="returned state: 'dual', the evaluation with the lowest held-out dual; "
         "'last', the final state of the annealed schedule (where the held-out dual is too "
         "flat to rank states, e.g. ILR maps of b jets: docs/ot.md)",
+    )
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="exponential moving average of the potential's parameters with this "
+        "decay per step (None: off); the average is what is evaluated, selected and "
+        "returned. Averaging keeps the hidden-to-hidden weights non-negative, so the "
+        "averaged potential is convex too",
     )
     checkpoint_every: int = Field(default=500, ge=1)
     min_samples: int = Field(default=100, ge=2, description="fewest jets accepted per side")
@@ -211,6 +221,13 @@ class _Trainer:
         (self.src, self.src_val), (self.tgt, self.tgt_val) = src, tgt
         self.g, self.f = g, f
         self.nets = [g] if f is None else [g, f]
+        # Polyak averaging of g (the exported potential): a convex combination of
+        # parameter sets with non-negative hidden-to-hidden weights is one too.
+        self.ema = (
+            None
+            if cfg.ema_decay is None
+            else AveragedModel(g, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        )
         factor = _schedule(cfg)
         self.opts = [
             torch.optim.AdamW(
@@ -246,6 +263,7 @@ class _Trainer:
                 "x_hat_val": self.x_hat_val,
                 "best": self.best,
                 "history": self.history,
+                "ema": None if self.ema is None else self.ema.state_dict(),
             }
         )
 
@@ -260,6 +278,15 @@ class _Trainer:
         self.gen.set_state(state["gen"])
         self.x_hat, self.eta, self.x_hat_val = state["x_hat"], state["eta"], state["x_hat_val"]
         self.best, self.history = state["best"], list(state["history"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    @property
+    def eval_net(self) -> ICNN | PICNN:
+        """The potential that is evaluated and returned: the average once one is kept."""
+        if self.ema is None or int(self.ema.n_averaged) == 0:
+            return self.g
+        return self.ema.module  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- steps
     def _batch(self, data: _Data) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -310,6 +337,8 @@ class _Trainer:
             self._update(
                 self.f, self.opts[1], minimax_f_loss(self.f, self.g, xs, cs, ws, ys, ct, wt)
             )
+        if self.ema is not None:
+            self.ema.update_parameters(self.g)
         for s in self.scheds:
             s.step()
         self.step += 1
@@ -317,7 +346,7 @@ class _Trainer:
 
     def evaluate(self) -> float:
         dual, self.x_hat_val, residual = held_out_dual(
-            self.g,
+            self.eval_net,
             self.src_val.x,
             self.src_val.c,
             self.src_val.w,
@@ -329,7 +358,8 @@ class _Trainer:
         )
         self.history.append({"step": self.step, "val_dual": dual, "conjugate_residual": residual})
         if math.isfinite(dual) and (self.best is None or dual < self.best[0]):
-            self.best = (dual, self.step, copy.deepcopy([n.state_dict() for n in self.nets]))
+            nets = [self.eval_net, *self.nets[1:]]
+            self.best = (dual, self.step, copy.deepcopy([n.state_dict() for n in nets]))
         return dual
 
 
@@ -595,6 +625,7 @@ def fit_ot_map(
         best_dual, best_step, best_states = trainer.best
         g.load_state_dict(best_states[0])
     else:  # the annealed final state, evaluated at the last step (or at an early stop)
+        g.load_state_dict(trainer.eval_net.state_dict())
         best_dual, best_step = trainer.history[-1]["val_dual"], trainer.history[-1]["step"]
     metrics = {
         "method": cfg.method,

@@ -87,6 +87,14 @@ class OTStageConfig(_Model):
     variation_batch_size: int | None = Field(
         None, ge=2, description="batch size of variation fine-tuning (None: the nominal's)"
     )
+    common_fine_tune: bool = Field(
+        True,
+        description="publish as nominal the first-stage map fine-tuned exactly as its "
+        "variations are (same steps, seed and batches, the nominal target), so that a "
+        "variation map differs from the nominal only through the variation's weights; a "
+        "variation that leaves a flavour's target unchanged then gets the nominal map "
+        "without training (docs/ot.md, 'Variation maps')",
+    )
     max_source: int | None = Field(
         200_000, ge=100, description="subsample each flavour's source to at most this many jets"
     )

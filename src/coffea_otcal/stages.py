@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: key of a flavour's first-stage nominal map when ``ot.common_fine_tune`` is on: the map
+#: its variations and its published nominal are fine-tuned from (not in the bundle)
+FIRST_STAGE = "nominal_first_stage"
+
 
 def _file_stamps(config: PipelineConfig) -> list[list[Any]]:
     stamps = []
@@ -157,6 +161,15 @@ def _fit_kwargs(source: Mapping[str, Any], target: tuple[Any, Any, Any], cfg: An
             "config": cfg.model_dump(), "name": name, **extra}
 
 
+def _same_weights(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two weight vectors of one target sample agree to rounding (rtol 1e-9).
+
+    A variation whose eigen-direction has no component on a flavour leaves that flavour's
+    responsibility weights unchanged up to float rounding; training it would only add noise.
+    """
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
+
+
 def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
                  progress: bool, truth: Any) -> dict[str, Any]:
     """Nominal and variation maps per flavour, assembled into ``bundle.json.gz``."""
@@ -180,7 +193,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
     device = str(resolve_device(config.device))
     ckpt = _checkpoint_dir(config, results, "ot", "em")
-    jobs = []
+    jobs, shared = [], {}
     for flav, tgt in targets.flavours.items():
         code = codes[flav]
         src_x, src_c, src_w = tgt.source_x, tgt.source_context, tgt.source_weight
@@ -190,20 +203,39 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
             src_c = None if src_c is None else src_c[keep]
         source = {"source": src_x, "source_context": src_c, "source_weight": src_w,
                   "device": device, "seed": config.seed}
-        var_jobs = [
-            MapJob((code, f"{var.name}_{direction}"),
-                   _fit_kwargs(source, tgt.target(var.name, direction), var_cfg,
-                               f"{flav}/{var.name}_{direction}", progress=False))
-            for var in variations for direction in ("up", "down")
-        ]
-        jobs.append(MapJob((code, "nominal"),
-                           _fit_kwargs(source, tgt.target(), nominal_cfg, flav,
-                                       progress=progress, checkpoint_dir=ckpt), var_jobs))
-    maps = train_maps(jobs, config.ot.workers, device, progress)
+        nominal_w = tgt.target()[2]
+        var_jobs = []
+        if config.ot.common_fine_tune:
+            var_jobs.append(MapJob((code, "nominal"), _fit_kwargs(
+                source, tgt.target(), var_cfg, f"{flav}/nominal", progress=False)))
+        for var in variations:
+            for direction in ("up", "down"):
+                key = (code, f"{var.name}_{direction}")
+                target = tgt.target(var.name, direction)
+                if config.ot.common_fine_tune and _same_weights(target[2], nominal_w):
+                    shared[key] = (code, "nominal")  # the same training: the same map
+                    continue
+                var_jobs.append(MapJob(key, _fit_kwargs(source, target, var_cfg,
+                                                        f"{flav}/{key[1]}", progress=False)))
+        first = (code, FIRST_STAGE) if config.ot.common_fine_tune else (code, "nominal")
+        jobs.append(MapJob(first, _fit_kwargs(source, tgt.target(), nominal_cfg, flav,
+                                              progress=progress, checkpoint_dir=ckpt), var_jobs))
+    trained = train_maps(jobs, config.ot.workers, device, progress)
     metrics = {f"{flav}/nominal/{key}": float(value)
                for flav, job in zip(targets.flavours, jobs, strict=True)
-               for key, value in (maps[job.key].get("metrics") or {}).items()
+               for key, value in (trained[job.key].get("metrics") or {}).items()
                if isinstance(value, (int, float))}
+    maps: dict[tuple[int, str], Any] = {}
+    for job in jobs:
+        code = job.key[0]
+        maps[(code, "nominal")] = trained[(code, "nominal")]
+        for var in variations:
+            for direction in ("up", "down"):
+                key = (code, f"{var.name}_{direction}")
+                maps[key] = trained[shared[key]] if key in shared else trained[key]
+    if shared:
+        logger.info("%d variation maps equal their nominal (the variation leaves that "
+                    "flavour's target unchanged)", len(shared))
     fill_meta = store.metadata
     bundle = Bundle.from_maps(
         maps,
@@ -218,7 +250,8 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         flavour_column=config.fill.flavour_column,
     )
     bundle.save(tmp / "bundle.json.gz")
-    return {"maps": len(maps), "variations": [v.name for v in variations]}
+    return {"maps": len(maps), "trained": len(trained), "shared_with_nominal": len(shared),
+            "variations": [v.name for v in variations]}
 
 
 # ----------------------------------------------------------------------------- export
