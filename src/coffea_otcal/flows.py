@@ -340,14 +340,17 @@ def train_component(
     if not np.isfinite(total) or total <= 0:
         msg = f"weights of flavour {flows.classes[index]!r} sum to {total}; cannot train its flow"
         raise ValueError(msg)
-    prob = absw / total
+    # inverse-CDF draws, the very algorithm (and random stream) of
+    # rng.choice(n, size, p=absw / total), without its O(n) cumsum and checks per step
+    cdf = np.cumsum(absw / total)
+    cdf /= cdf[-1]
     sign = torch.as_tensor(np.sign(weight), dtype=torch.float32, device=u.device)
     batch = flows.config.batch_size
     sigma = flows.config.dequantize_sigma
     flows.train()
     losses = []
     for _ in range(steps):
-        idx_np = rng.choice(len(prob), size=batch, p=prob)
+        idx_np = cdf.searchsorted(rng.random(batch), side="right")
         idx = torch.as_tensor(idx_np, device=u.device)
         ub = u[idx]
         if flows.dequantizer is not None:
