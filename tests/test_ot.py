@@ -30,6 +30,19 @@ def _uvp(pred: np.ndarray, truth: np.ndarray) -> float:
     return 100 * np.mean(np.sum((pred - truth) ** 2, 1)) / np.sum(np.var(truth, 0))
 
 
+def _interrupt_training_at(monkeypatch: pytest.MonkeyPatch, step: int):
+    """Make ``fit_ot_map`` raise KeyboardInterrupt at ``step``; returns the real train_step."""
+    original = ot_module._Trainer.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ot_module._Trainer, "train_step", interrupted)
+    return original
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,14 +155,7 @@ def test_reproducible_and_resume_from_checkpoint(tmp_path, monkeypatch):
     b = fit_ot_map(x, y, config=cfg, device="cpu", progress=False, seed=3)
     assert a.export()["potential"] == b.export()["potential"]
 
-    original = ot_module._Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 45:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(ot_module._Trainer, "train_step", interrupted)
+    original = _interrupt_training_at(monkeypatch, 45)
     with pytest.raises(KeyboardInterrupt):
         fit_ot_map(
             x,
@@ -413,14 +419,7 @@ def test_parameter_average_is_returned_and_resumes(tmp_path, monkeypatch):
     inner = np.sum((averaged.transport(x1) - averaged.transport(x2)) * (x1 - x2), 1)
     assert np.all(inner >= 0)
     # the average is part of the checkpoint: an interrupted training resumes to the same map
-    original = ot_module._Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 45:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(ot_module._Trainer, "train_step", interrupted)
+    original = _interrupt_training_at(monkeypatch, 45)
     cfg = OTConfig(**base, ema_decay=0.9)
     with pytest.raises(KeyboardInterrupt):
         fit_ot_map(x, y, config=cfg, checkpoint_dir=tmp_path, name="b", **kwargs)
