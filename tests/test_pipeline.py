@@ -320,6 +320,38 @@ def test_variation_with_unchanged_target_shares_the_nominal_map(
         assert by_key[(code, "nominal")].potential == before[(code, "nominal")].potential
 
 
+def test_training_variation_adds_a_second_seed_map(
+    raw_config: dict[str, Any], finished: PipelineResult, tmp_path: Path
+) -> None:
+    raw = json.loads(json.dumps(raw_config))
+    raw["ot"]["training_variation"] = True
+    config = PipelineConfig.model_validate(raw)
+    out = _copy_run(finished, tmp_path)
+    result = run_pipeline(config, out, progress=False)
+    assert result.stages["em"].cached
+    assert not result.stages["ot"].cached
+    summary = result.stages["ot"].summary
+    assert summary["variations"][-1] == "ot_training"
+    assert summary["trained"] == 12 + 3 + 3  # + a first stage and its fine-tune per flavour
+    bundle = Bundle.load(result.bundle)
+    assert "ot_training" in bundle.variation_names
+    assert "another seed" in {v.name: v.meaning for v in bundle.variations}["ot_training"]
+    before = {(m.flavour, m.variation): m.map for m in Bundle.load(finished.bundle).maps}
+    by_key = {(m.flavour, m.variation): m.map for m in bundle.maps}
+    for code in (5, 4, 0):
+        nominal = by_key[(code, "nominal")]
+        assert nominal.potential == before[(code, "nominal")].potential  # untouched
+        assert by_key[(code, "ot_training_down")].potential == nominal.potential  # one-sided
+        assert by_key[(code, "ot_training_up")].potential != nominal.potential
+        assert by_key[(code, "ot_training_up")].metrics["steps"] == 5  # fine-tuned
+    # the closure band and the correctionlib export carry the new variation
+    assert result.stages["closure"].summary["band_coverage"] >= (
+        finished.stages["closure"].summary["band_coverage"]
+    )
+    with gzip.open(result.correctionlib, "rt") as f:
+        assert "up_ot_training" in f.read()
+
+
 def test_leftover_tmp_and_incomplete_manifests_are_never_reused(
     finished: PipelineResult, config: PipelineConfig, tmp_path: Path
 ) -> None:

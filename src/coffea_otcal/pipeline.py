@@ -95,6 +95,14 @@ class OTStageConfig(_Model):
         "variation that leaves a flavour's target unchanged then gets the nominal map "
         "without training (docs/ot.md, 'Variation maps')",
     )
+    training_variation: bool = Field(
+        False,
+        description="add the variation 'ot_training': up is the map of a second first stage "
+        "trained from another seed (seed + 1: initial weights, validation split and batches), "
+        "fine-tuned like the nominal; down is the nominal (one-sided). Its spread is the "
+        "map's own training uncertainty, which the EM variations do not contain; it costs one "
+        "more first-stage map per flavour (docs/ot.md, 'Variation maps')",
+    )
     max_source: int | None = Field(
         200_000, ge=100, description="subsample each flavour's source to at most this many jets"
     )

@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 #: key of a flavour's first-stage nominal map when ``ot.common_fine_tune`` is on: the map
 #: its variations and its published nominal are fine-tuned from (not in the bundle)
 FIRST_STAGE = "nominal_first_stage"
+#: the variation of ``ot.training_variation``: a second first stage from another seed
+TRAINING_VARIATION = "ot_training"
+TRAINING_MEANING = (
+    "OT map training: up is the map of a second training from another seed (initial "
+    "weights, validation split, batches), fine-tuned like the nominal; down is the nominal "
+    "(one-sided)"
+)
 
 
 def _file_stamps(config: PipelineConfig) -> list[list[Any]]:
@@ -193,7 +200,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
     device = str(resolve_device(config.device))
     ckpt = _checkpoint_dir(config, results, "ot", "em")
-    jobs, shared = [], {}
+    jobs, alt_jobs, shared = [], [], {}
     for flav, tgt in targets.flavours.items():
         code = codes[flav]
         src_x, src_c, src_w = tgt.source_x, tgt.source_context, tgt.source_weight
@@ -220,7 +227,18 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         first = (code, FIRST_STAGE) if config.ot.common_fine_tune else (code, "nominal")
         jobs.append(MapJob(first, _fit_kwargs(source, tgt.target(), nominal_cfg, flav,
                                               progress=progress, checkpoint_dir=ckpt), var_jobs))
-    trained = train_maps(jobs, config.ot.workers, device, progress)
+        if config.ot.training_variation:
+            alt = (code, f"{TRAINING_VARIATION}_up")
+            alt_fit = _fit_kwargs({**source, "seed": config.seed + 1}, tgt.target(), nominal_cfg,
+                                  f"{flav}/{TRAINING_VARIATION}", progress=False,
+                                  checkpoint_dir=ckpt)
+            if config.ot.common_fine_tune:  # fine-tuned exactly as the published nominal
+                alt_jobs.append(MapJob((code, f"{TRAINING_VARIATION}_first_stage"), alt_fit, [
+                    MapJob(alt, _fit_kwargs(source, tgt.target(), var_cfg,
+                                            f"{flav}/{alt[1]}", progress=False))]))
+            else:
+                alt_jobs.append(MapJob(alt, alt_fit))
+    trained = train_maps(jobs + alt_jobs, config.ot.workers, device, progress)
     metrics = {f"{flav}/nominal/{key}": float(value)
                for flav, job in zip(targets.flavours, jobs, strict=True)
                for key, value in (trained[job.key].get("metrics") or {}).items()
@@ -233,6 +251,9 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
             for direction in ("up", "down"):
                 key = (code, f"{var.name}_{direction}")
                 maps[key] = trained[shared[key]] if key in shared else trained[key]
+        if config.ot.training_variation:
+            maps[(code, f"{TRAINING_VARIATION}_up")] = trained[(code, f"{TRAINING_VARIATION}_up")]
+            maps[(code, f"{TRAINING_VARIATION}_down")] = trained[(code, "nominal")]  # one-sided
     if shared:
         logger.info("%d variation maps equal their nominal (the variation leaves that "
                     "flavour's target unchanged)", len(shared))
@@ -244,14 +265,17 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         # unconditional EM flows give unconditional targets, hence context-free maps (ICNN)
         context_spec=[c.model_dump() for c in config.context]
         if any(t.source_context is not None for t in targets.flavours.values()) else [],
-        variations_meta={v.name: v.meaning for v in variations},
+        variations_meta={**{v.name: v.meaning for v in variations},
+                         **({TRAINING_VARIATION: TRAINING_MEANING}
+                            if config.ot.training_variation else {})},
         provenance={"seed": config.seed, "config": json.loads(config.model_dump_json()),
                     "metrics": metrics, "command": "coffea-otcal run"},
         flavour_column=config.fill.flavour_column,
     )
     bundle.save(tmp / "bundle.json.gz")
     return {"maps": len(maps), "trained": len(trained), "shared_with_nominal": len(shared),
-            "variations": [v.name for v in variations]}
+            "variations": [v.name for v in variations]
+            + ([TRAINING_VARIATION] if config.ot.training_variation else [])}
 
 
 # ----------------------------------------------------------------------------- export
