@@ -200,7 +200,8 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
     device = str(resolve_device(config.device))
     ckpt = _checkpoint_dir(config, results, "ot", "em")
-    jobs, alt_jobs, shared = [], [], {}
+    # every published map, in bundle order, and the trained map it is (when not itself)
+    jobs, alt_jobs, published, aliases, n_shared = [], [], [], {}, 0
     for flav, tgt in targets.flavours.items():
         code = codes[flav]
         src_x, src_c, src_w = tgt.source_x, tgt.source_context, tgt.source_weight
@@ -210,31 +211,37 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
             src_c = None if src_c is None else src_c[keep]
         source = {"source": src_x, "source_context": src_c, "source_weight": src_w,
                   "device": device, "seed": config.seed}
-        nominal_w = tgt.target()[2]
+        nominal_target = tgt.target()
+        nominal = (code, "nominal")
+        published.append(nominal)
         var_jobs = []
         if config.ot.common_fine_tune:
-            var_jobs.append(MapJob((code, "nominal"), _fit_kwargs(
-                source, tgt.target(), var_cfg, f"{flav}/nominal", progress=False)))
+            var_jobs.append(MapJob(nominal, _fit_kwargs(
+                source, nominal_target, var_cfg, f"{flav}/nominal", progress=False)))
         for var in variations:
             for direction in ("up", "down"):
                 key = (code, f"{var.name}_{direction}")
+                published.append(key)
                 target = tgt.target(var.name, direction)
-                if config.ot.common_fine_tune and _same_weights(target[2], nominal_w):
-                    shared[key] = (code, "nominal")  # the same training: the same map
+                if config.ot.common_fine_tune and _same_weights(target[2], nominal_target[2]):
+                    aliases[key] = nominal  # the same training: the same map
+                    n_shared += 1
                     continue
                 var_jobs.append(MapJob(key, _fit_kwargs(source, target, var_cfg,
                                                         f"{flav}/{key[1]}", progress=False)))
-        first = (code, FIRST_STAGE) if config.ot.common_fine_tune else (code, "nominal")
-        jobs.append(MapJob(first, _fit_kwargs(source, tgt.target(), nominal_cfg, flav,
+        first = (code, FIRST_STAGE) if config.ot.common_fine_tune else nominal
+        jobs.append(MapJob(first, _fit_kwargs(source, nominal_target, nominal_cfg, flav,
                                               progress=progress, checkpoint_dir=ckpt), var_jobs))
         if config.ot.training_variation:
-            alt = (code, f"{TRAINING_VARIATION}_up")
-            alt_fit = _fit_kwargs({**source, "seed": config.seed + 1}, tgt.target(), nominal_cfg,
-                                  f"{flav}/{TRAINING_VARIATION}", progress=False,
+            alt, down = (code, f"{TRAINING_VARIATION}_up"), (code, f"{TRAINING_VARIATION}_down")
+            published += [alt, down]
+            aliases[down] = nominal  # one-sided
+            alt_fit = _fit_kwargs({**source, "seed": config.seed + 1}, nominal_target,
+                                  nominal_cfg, f"{flav}/{TRAINING_VARIATION}", progress=False,
                                   checkpoint_dir=ckpt)
             if config.ot.common_fine_tune:  # fine-tuned exactly as the published nominal
                 alt_jobs.append(MapJob((code, f"{TRAINING_VARIATION}_first_stage"), alt_fit, [
-                    MapJob(alt, _fit_kwargs(source, tgt.target(), var_cfg,
+                    MapJob(alt, _fit_kwargs(source, nominal_target, var_cfg,
                                             f"{flav}/{alt[1]}", progress=False))]))
             else:
                 alt_jobs.append(MapJob(alt, alt_fit))
@@ -243,20 +250,10 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                for flav, job in zip(targets.flavours, jobs, strict=True)
                for key, value in (trained[job.key].get("metrics") or {}).items()
                if isinstance(value, (int, float))}
-    maps: dict[tuple[int, str], Any] = {}
-    for job in jobs:
-        code = job.key[0]
-        maps[(code, "nominal")] = trained[(code, "nominal")]
-        for var in variations:
-            for direction in ("up", "down"):
-                key = (code, f"{var.name}_{direction}")
-                maps[key] = trained[shared[key]] if key in shared else trained[key]
-        if config.ot.training_variation:
-            maps[(code, f"{TRAINING_VARIATION}_up")] = trained[(code, f"{TRAINING_VARIATION}_up")]
-            maps[(code, f"{TRAINING_VARIATION}_down")] = trained[(code, "nominal")]  # one-sided
-    if shared:
+    maps = {key: trained[aliases.get(key, key)] for key in published}
+    if n_shared:
         logger.info("%d variation maps equal their nominal (the variation leaves that "
-                    "flavour's target unchanged)", len(shared))
+                    "flavour's target unchanged)", n_shared)
     fill_meta = store.metadata
     bundle = Bundle.from_maps(
         maps,
@@ -273,7 +270,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         flavour_column=config.fill.flavour_column,
     )
     bundle.save(tmp / "bundle.json.gz")
-    return {"maps": len(maps), "trained": len(trained), "shared_with_nominal": len(shared),
+    return {"maps": len(maps), "trained": len(trained), "shared_with_nominal": n_shared,
             "variations": [v.name for v in variations]
             + ([TRAINING_VARIATION] if config.ot.training_variation else [])}
 
