@@ -178,6 +178,27 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_fit(regions, tmp_path):
         fit_em(small, smc, cfg, seed=2, progress=False, checkpoint_dir=tmp_path)
 
 
+def test_flavours_trained_in_threads_give_the_serial_fit(regions):
+    """The flavour flows train side by side (one thread each); the result must not depend
+    on the thread count, and the caller's torch thread setting is restored."""
+    data, mc, _ = regions
+    small = {k: RegionData(x=v.x[::3]) for k, v in data.items()}
+    smc = {k: RegionData(x=v.x[::3], flavour=v.flavour[::3]) for k, v in mc.items()}
+    cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2, "m_steps": 4})
+    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 6})})
+    before = torch.get_num_threads()
+    serial = fit_em(small, smc, cfg, seed=5, progress=False, threads=1)
+    threaded = fit_em(small, smc, cfg, seed=5, progress=False, threads=3)
+    assert torch.get_num_threads() == before
+    np.testing.assert_array_equal(threaded.logits, serial.logits)
+    assert [e["nll"] for e in threaded.trace] == [e["nll"] for e in serial.trace]
+    x = np.concatenate([d.x for d in small.values()])
+    np.testing.assert_array_equal(
+        threaded.flows.log_prob_numpy(x), serial.flows.log_prob_numpy(x)
+    )
+    assert serial.trace[-1]["nll"] != serial.trace[0]["nll"]  # the flows did train
+
+
 def test_shape_warmup_holds_the_fractions_then_releases_them(regions):
     data, mc, _ = regions
     small = {k: RegionData(x=v.x[::4]) for k, v in data.items()}

@@ -60,15 +60,21 @@ def test_density_integrates_to_one_in_ilr_space():
     np.testing.assert_allclose(integral, 1.0, atol=0.02)
 
 
-def test_pretraining_learns_a_gaussian_to_its_entropy():
+@pytest.mark.parametrize("final_lr", [None, 1e-4])
+def test_pretraining_learns_a_gaussian_to_its_entropy(final_lr):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     sig = np.array([0.8, 0.7])
     x = rng.normal(0.0, sig, size=(4000, 2))
-    config = SMALL.model_copy(update={"pretrain_steps": 200, "learning_rate": 5e-3})
+    config = SMALL.model_copy(
+        update={"pretrain_steps": 200, "learning_rate": 5e-3, "pretrain_final_lr": final_lr}
+    )
     flows = FlavourFlows(2, 0, ("b",), config)
     flows.fit_standardisation(x)
-    pretrain_flows(flows, x, np.zeros(len(x), int), np.ones(len(x)), progress=False)
+    opt = torch.optim.Adam(flows.flows[0].parameters(), lr=config.learning_rate)
+    pretrain_flows(flows, x, np.zeros(len(x), int), np.ones(len(x)), optimizers=[opt],
+                   progress=False)
+    assert opt.param_groups[0]["lr"] == config.learning_rate  # the schedule does not leak
     test = rng.normal(0.0, sig, size=(4000, 2))
     nll = -flows.log_prob_numpy(test)[:, 0].mean()
     entropy = 1.0 + np.log(2 * np.pi) + np.log(sig).sum()
@@ -147,3 +153,23 @@ def test_sampling_is_reproducible_and_state_round_trips():
     other.load_state_dict(state_from_numpy(state_to_numpy(flows)))
     x = np.random.default_rng(1).normal(size=(20, 2))
     np.testing.assert_array_equal(other.log_prob_numpy(x), flows.log_prob_numpy(x))
+
+
+def test_flavours_evaluated_in_threads_match_the_batched_torch_densities():
+    """log_prob_numpy: per-flavour threads, small batches and the torch log_prob agree,
+    for conditional flows too."""
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    x, c = rng.normal(size=(700, 2)), rng.normal(size=(700, 1))
+    flows = FlavourFlows(2, 1, ("b", "c", "light"), SMALL)
+    flows.fit_standardisation(x, c)
+    ref = flows.log_prob(torch.as_tensor(x, dtype=torch.float32),
+                         torch.as_tensor(c, dtype=torch.float32)).detach().double().numpy()
+    serial = flows.log_prob_numpy(x, c, batch_size=128)
+    threaded = flows.log_prob_numpy(x, c, batch_size=128, threads=3)
+    np.testing.assert_array_equal(threaded, serial)
+    np.testing.assert_allclose(serial, ref, rtol=0, atol=1e-5)
+    assert torch.get_num_threads() == 1  # restored (this module runs on one thread)
+    assert flows.log_prob_numpy(x[:0], c[:0]).shape == (0, 3)
+    with pytest.raises(ValueError, match="pass context"):
+        flows.log_prob_numpy(x)

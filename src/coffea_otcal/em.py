@@ -350,6 +350,7 @@ def fit_em(
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
 ) -> EMResult:
     r"""Extract flavour-conditional data densities by EM (Kim & Yang Sec. III.1).
 
@@ -376,6 +377,9 @@ def fit_em(
         progress: show progress bars.
         checkpoint_dir: write ``em_checkpoint.pt`` there after every iteration and resume
             from it when it exists and matches these inputs.
+        threads: flavour flows trained side by side in each M-step and in pretraining
+            (:func:`coffea_otcal.flows.train_components`; ``None``: one per flavour, at
+            most one per CPU plus one). The result does not depend on it.
 
     Returns:
         The fit (:class:`EMResult`).
@@ -388,11 +392,12 @@ def fit_em(
 
     from coffea_otcal.flows import (
         FlavourFlows,
+        default_flow_threads,
         pretrain_flows,
         resolve_device,
         state_from_numpy,
         state_to_numpy,
-        train_component,
+        train_components,
     )
 
     t_start = time.perf_counter()
@@ -466,6 +471,7 @@ def fit_em(
     precision = np.linalg.inv(prior_cov)
 
     dev = resolve_device(device)
+    n_threads = default_flow_threads(n_f) if threads is None else max(1, int(threads))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     a_init = _initial_logits(pi0, config.init_perturbation, rng)
@@ -490,7 +496,8 @@ def fit_em(
     state = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path else None
     if state is None:
         pretrain_flows(
-            flows, mc_x, pooled_idx, mc_w, mc_c, optimizers, seed=seed, progress=progress
+            flows, mc_x, pooled_idx, mc_w, mc_c, optimizers, seed=seed, progress=progress,
+            threads=n_threads,
         )
         pretrained = state_to_numpy(flows)
         optimizers = [
@@ -518,7 +525,7 @@ def fit_em(
     w_total = w_all.sum()
 
     def e_step(a_cur: np.ndarray) -> tuple[np.ndarray, float, float]:
-        log_q = flows.log_prob_numpy(x_all, c_all)
+        log_q = flows.log_prob_numpy(x_all, c_all, threads=n_threads)
         gamma = np.empty_like(log_q)
         ll = 0.0
         log_pi = np.log(fractions_from_logits(a_cur))
@@ -553,10 +560,13 @@ def fit_em(
             config.flow.learning_rate * config.learning_rate_decay ** (iteration - 1),
             config.min_learning_rate,
         )
-        for i, opt in enumerate(optimizers):
+        for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-            train_component(flows, i, u_all, cs_all, w_all * gamma[:, i], config.m_steps, opt, rng)
+        # one minibatch stream per flavour, drawn from the checkpointed generator
+        flavour_seeds = rng.integers(0, 2**63, size=n_f)
+        train_components(flows, u_all, cs_all, [w_all * gamma[:, i] for i in range(n_f)],
+                         config.m_steps, optimizers, flavour_seeds, n_threads)
         nll_old = nll
         gamma, nll, prior = e_step(a)
         trace.append(_trace_entry(iteration, nll, prior, a))
