@@ -30,18 +30,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from bench_em_demo import density_chi2  # benchmarks/ is on sys.path when run as a script
 
 from coffea_otcal import geometry
-from coffea_otcal.closure import discriminant_values, shape_chi2
 from coffea_otcal.flows import FlavourFlows, FlowConfig, train_component
 from coffea_otcal.pipeline import PipelineConfig
 from coffea_otcal.run_cli import _truth, demo_generator_config
-
-
-def _chi2(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> float:
-    ha = np.histogram(np.clip(a, edges[0], edges[-1]), edges)[0].astype(float)
-    hb = np.histogram(np.clip(b, edges[0], edges[-1]), edges)[0].astype(float)
-    return round(shape_chi2(ha, ha, hb, hb).chi2_ndf, 2)
 
 
 def main() -> None:
@@ -83,15 +77,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     nll = float(-flows.log_prob_numpy(test)[:, 0].mean())
     sample = flows.sample(0, n=len(test), seed=1)
-    chi2 = []
-    for d in range(x.shape[1]):
-        lo, hi = np.quantile(test[:, d], [0.005, 0.995])
-        chi2.append(_chi2(sample[:, d], test[:, d], np.linspace(lo, hi, 41)))
-    p_s, p_t = geometry.ilr_inv(sample), geometry.ilr_inv(test)
-    edges = np.linspace(0.0, 1.0 - 1e-12, 21)
-    for name in ("D_bc", "D_cl", "D_hfl"):
-        chi2.append(_chi2(discriminant_values(p_s, name, 1.0), discriminant_values(p_t, name, 1.0),
-                          edges))
+    chi2 = density_chi2(sample, test)
     print(f"| {flav} | {json.dumps(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})} | "
           f"{len(train)} | {wall:.1f} | {nll:.4f} | " + " | ".join(str(c) for c in chi2) + " |")
 

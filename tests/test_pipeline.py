@@ -120,6 +120,13 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
         assert manifest["digest"] == stage.digest
     assert finished.stages["fill"].summary["n_jets"] == 3 * 2000 + 2 * 600
 
+    # the shared products are readable as a plain open() would make them (not mkstemp's 0o600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for product in (finished.bundle, finished.stages["fill"].folder / "store.parquet",
+                    *finished.stages["export"].folder.glob("*.json*")):
+        assert (product.stat().st_mode & 0o777) == 0o666 & ~mask, product
+
     bundle = Bundle.load(finished.bundle)
     assert bundle.classes == ["b", "c", "light"]
     assert sorted(bundle.flavour_codes) == [0, 4, 5]
@@ -197,6 +204,15 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     inside = sum(h["band_coverage"][0] for h in hists.values())
     used = sum(h["band_coverage"][1] for h in hists.values())
     assert summary["band_coverage"] == pytest.approx(inside / used)
+    # the baseline at equal statistics: its MC variance shrunk by rho < 1, so each chi2 grows
+    rho = report["regions"]["vr"]["rho"]["baseline"]
+    assert rho < 1.0
+    for h in hists.values():
+        assert h["baseline_equal_stat"]["ndf"] == h["baseline"]["ndf"]
+        assert h["baseline_equal_stat"]["chi2"] > h["baseline"]["chi2"]
+    assert summary["mean_chi2_ndf_baseline_equal_stat"] == pytest.approx(
+        np.mean([h["baseline_equal_stat"]["chi2_ndf"] for h in hists.values()])
+    )
     assert set(report["per_flavour_truth"]) == {"b", "c", "light"}
     assert set(report["per_flavour_truth"]["b"]) == {"D_bc", "D_cl", "D_hfl"}
     assert finished.stages["closure"].summary["auc_after"] == summary["auc_after"]

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +57,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from coffea_otcal.atomic import atomic_write_bytes
 from coffea_otcal.versions import installed_version
 
 #: the bundle schema version this code writes and the newest it reads.
@@ -634,18 +634,7 @@ class Bundle(_Model):
         data = self.to_json(indent=indent).encode()
         if path.suffix == ".gz":
             data = gzip.compress(data, mtime=0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_bytes(path, data, fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:

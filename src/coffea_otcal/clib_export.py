@@ -53,7 +53,6 @@ import gzip
 import itertools
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm.auto import tqdm
 
 from coffea_otcal import geometry
+from coffea_otcal.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -567,16 +567,9 @@ def write_correction_set(cset: cs.CorrectionSet, path: str | os.PathLike[str]) -
     out = Path(path)
     text = cset.model_dump_json(exclude_unset=True)
     correctionlib.CorrectionSet.from_string(text)  # the C++ evaluator must accept it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            raw = text.encode()
-            handle.write(gzip.compress(raw, compresslevel=6, mtime=0) if out.name.endswith(".gz") else raw)
-        Path(tmp).replace(out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    raw = text.encode()
+    atomic_write_bytes(out, gzip.compress(raw, compresslevel=6, mtime=0)
+                       if out.name.endswith(".gz") else raw)
     logger.info("wrote correctionlib export %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
 

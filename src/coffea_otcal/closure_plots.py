@@ -10,8 +10,6 @@ from __future__ import annotations
 __all__ = ["plot_discriminant_closure", "plot_map_arrows", "style_context"]
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coffea_otcal import geometry
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.closure import discriminant_values
 
 
@@ -51,14 +50,8 @@ def _label(ax: Any, experiment: str | None, text: str, rlabel: str) -> None:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=110)
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.em_result import (
     EMResult,
     RegionData,
@@ -638,10 +639,8 @@ def _trace_entry(iteration: int, nll: float, prior: float, a: np.ndarray) -> dic
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:

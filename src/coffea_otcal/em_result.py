@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.versions import package_versions
 
 if TYPE_CHECKING:
@@ -233,11 +234,8 @@ def writer_info() -> dict[str, str]:
 
 def atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write an uncompressed ``.npz`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
 
 
 def load_npz_with_meta(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from coffea_otcal import latent_tagger as lt
 from coffea_otcal.adapters import get_adapter
+from coffea_otcal.atomic import atomic_path, atomic_write_text
 from coffea_otcal.latent_tagger import quantise_mantissa
 from coffea_otcal.versions import package_versions
 
@@ -272,9 +273,9 @@ class GeneratorConfig(_Model):
         if p.suffix in {".yaml", ".yml"}:
             import yaml
 
-            _atomic_write_text(p, yaml.safe_dump(data, sort_keys=False))
+            atomic_write_text(p, yaml.safe_dump(data, sort_keys=False))
         else:
-            _atomic_write_text(p, json.dumps(data, indent=2) + "\n")
+            atomic_write_text(p, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- simulation
@@ -412,12 +413,6 @@ def sample_response(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class GeneratedFile(_Model):
     """One written ROOT file and what is in it."""
 
@@ -515,15 +510,10 @@ def _write_root(
         "genWeight": np.full(n_events, 1.0 if is_data else config.mc_gen_weight, dtype=np.float32),
         "Jet": ak.unflatten(ak.Array(flat), counts),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        # float32 latents barely compress: skip zlib in latent mode (3x faster writing)
-        compression = None if "latent" in jets else uproot.ZLIB(1)
-        with uproot.recreate(tmp, compression=compression) as out:
-            out.mktree("Events", tree, title="Events")  # a TTree, as NanoAOD (not an RNTuple)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # float32 latents barely compress: skip zlib in latent mode (3x faster writing)
+    compression = None if "latent" in jets else uproot.ZLIB(1)
+    with atomic_path(path) as tmp, uproot.recreate(tmp, compression=compression) as out:
+        out.mktree("Events", tree, title="Events")  # a TTree, as NanoAOD (not an RNTuple)
 
 
 def _writer_info() -> dict[str, str]:
@@ -564,11 +554,10 @@ def generate(
         files.append(info)
         tables.append(pa.table(table))
     jet_truth = out / "truth_jets.parquet"
-    tmp = jet_truth.with_name(f".{jet_truth.name}.tmp{os.getpid()}")
-    pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
-    tmp.replace(jet_truth)
+    with atomic_path(jet_truth) as tmp:
+        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
     truth_path = out / "truth.json"
-    _atomic_write_text(truth_path, json.dumps(_truth_document(config, files), indent=2) + "\n")
+    atomic_write_text(truth_path, json.dumps(_truth_document(config, files), indent=2) + "\n")
     return GeneratedSample(
         outdir=str(out.resolve()),
         files=files,

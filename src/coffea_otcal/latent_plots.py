@@ -9,14 +9,13 @@ from __future__ import annotations
 
 __all__ = ["pca_projection", "plot_latent_corner", "plot_latent_rocs", "plot_output_discriminants"]
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.closure_plots import plot_discriminant_closure, style_context
 from coffea_otcal.latent_eval import LatentClosure
 
@@ -25,15 +24,8 @@ _COLOURS = {"target": "black", "source": "tab:blue", "calibrated": "tab:red"}
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=100)
-        Path(tmp).chmod(0o644)  # mkstemp creates 0600; plots are meant to be shared
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -43,7 +43,6 @@ __all__ = [
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coffea_otcal import geometry
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.versions import package_versions
 
 #: Version of the store layout written by this module (``docs/store.md``).
@@ -241,15 +241,8 @@ def write_store(
             + [pa.field(n, pa.float64()) for g in _column_names(metadata).values() for n in g]
         ).empty_table()
     table = table.replace_schema_metadata({METADATA_KEY: metadata.model_dump_json().encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, use_dictionary=["region", "dataset", "file"])
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
