@@ -34,7 +34,6 @@ __all__ = [
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +43,7 @@ import numpy as np
 from coffea.processor import ProcessorABC
 
 from coffea_otcal.applier import Calibrator, status_counts
+from coffea_otcal.atomic import atomic_path
 from coffea_otcal.bundle import Bundle
 
 #: event-level branches copied to skims (when present).
@@ -311,14 +311,13 @@ def write_skim_part(record: dict[str, Any], path: str | os.PathLike[str], fmt: S
         The size of the written file in bytes.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    if fmt not in ("parquet", "root"):
+        msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
+        raise ValueError(msg)
+    with atomic_path(path) as tmp:
         if fmt == "parquet":
             ak.to_parquet(ak.zip(record, depth_limit=1), tmp, **PARQUET_OPTIONS)
-        elif fmt == "root":
+        else:
             import uproot
 
             branches = {
@@ -331,13 +330,6 @@ def write_skim_part(record: dict[str, Any], path: str | os.PathLike[str], fmt: S
                     field_name=lambda outer, inner: f"{outer}_{inner}",
                     counter_name=lambda counted: f"n{counted}",
                 )
-        else:
-            msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
-            raise ValueError(msg)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path.stat().st_size
 
 
