@@ -77,6 +77,10 @@ def main() -> None:
     fr = np.round(res.fractions, 4).tolist()
     print(f"overrides {label} seed {seed}: EM {wall:.1f} s, {res.n_iterations} iterations, "
           f"NLL/event {res.trace[-1]['nll']:.5f}")
+    for r in res.restarts:
+        print(f"  restart {r['restart']} seed {r['seed']}: objective {r['objective']:.6f}, "
+              f"fractions {np.round(r['fractions'], 3).tolist()}"
+              + ("  <- selected" if r["selected"] else ""))
     print(f"  fractions {fr}")
     print(f"  truth     {[[round(v, 4) for v in true_fr[r]] for r in config.cr_names]}")
     for i, (name, code) in enumerate(zip(config.em.classes, config.em.flavour_codes, strict=True)):

@@ -138,6 +138,15 @@ def test_fit_recovers_fractions_and_densities(fitted, regions):
     assert gamma.shape == (len(truth["b"].x), 3)
 
 
+def test_pretrained_state_is_the_flows_before_em_not_after(fitted):
+    final = fitted.flows.state_dict()
+    moved = [k for k, v in fitted.pretrained_state.items()
+             if not np.array_equal(v, final[k].detach().numpy())]
+    assert len(moved) > len(final) // 2  # the EM M-steps moved the flows away from the MC fit
+    assert not np.shares_memory(next(iter(fitted.pretrained_state.values())),
+                                next(iter(final.values())).detach().numpy())
+
+
 def test_initial_fractions_are_perturbed_within_twenty_percent(fitted):
     rel = np.abs(fitted.initial_fractions / fitted.prior_fractions - 1)
     assert rel.max() <= 0.2 + 1e-9
@@ -298,3 +307,32 @@ def test_near_singular_composition_warns():
         kappa = check_composition(pi, ["x", "y", "z"], EMConfig())
     assert kappa > 10
     assert check_composition(np.eye(3) * 0.9 + 0.1 / 3, ["x", "y", "z"], EMConfig()) < 1.5
+
+
+def test_restarts_return_the_fit_of_highest_posterior(regions, tmp_path):
+    """restarts = 3: the first restart is the plain fit of that seed, the others are
+    independent fits (own pretraining), the returned fit is the one of lowest final
+    objective, and all are recorded (and saved)."""
+    data, mc, _ = regions
+    small = {k: RegionData(x=v.x[::3]) for k, v in data.items()}
+    smc = {k: RegionData(x=v.x[::3], flavour=v.flavour[::3]) for k, v in mc.items()}
+    cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2, "m_steps": 4})
+    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 6})})
+    single = fit_em(small, smc, cfg, seed=4, progress=False)
+    multi = fit_em(small, smc, cfg.model_copy(update={"restarts": 3}), seed=4, progress=False,
+                   checkpoint_dir=tmp_path)
+    rec = multi.restarts
+    assert [r["restart"] for r in rec] == [0, 1, 2]
+    assert len({r["seed"] for r in rec}) == 3
+    assert rec[0]["seed"] == 4
+    assert rec[0]["objective"] == single.trace[-1]["objective"]  # restart 0 = the plain fit
+    assert len({round(r["objective"], 12) for r in rec}) == 3  # different starts, optima
+    best = min(rec, key=lambda r: r["objective"])
+    assert [r["selected"] for r in rec] == [r is best for r in rec]
+    assert multi.trace[-1]["objective"] == best["objective"]
+    np.testing.assert_allclose(multi.fractions, best["fractions"])
+    assert (tmp_path / "restart_2").is_dir()
+    loaded = EMResult.load(multi.save(tmp_path / "em.npz"))
+    assert loaded.restarts == rec
+    assert single.restarts[0]["selected"]
+    assert len(single.restarts) == 1

@@ -96,6 +96,7 @@ class EMResult:
     n_iterations: int = 0
     seed: int = 0
     elapsed_s: float = 0.0
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def fractions(self) -> np.ndarray:
@@ -174,6 +175,7 @@ class EMResult:
             "n_iterations": self.n_iterations,
             "seed": self.seed,
             "elapsed_s": self.elapsed_s,
+            "restarts": self.restarts,
         }
         arrays["meta"] = np.array(json.dumps(meta))
         atomic_savez(path, arrays)
@@ -224,6 +226,7 @@ class EMResult:
             n_iterations=meta["n_iterations"],
             seed=meta["seed"],
             elapsed_s=meta["elapsed_s"],
+            restarts=meta.get("restarts", []),
         )
 
 

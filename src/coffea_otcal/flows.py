@@ -542,8 +542,12 @@ def pretrain_flows(
 
 
 def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
-    """Flatten a module's state dict to numpy arrays (for npz files, no pickle)."""
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    """Copy a module's state dict to numpy arrays (for npz files, no pickle).
+
+    Copies, not views: ``Tensor.numpy()`` shares the parameters' memory, so a view taken
+    after pretraining would follow every later optimiser step.
+    """
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def state_from_numpy(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -154,6 +154,9 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         "spectral_radius": float(diagnostics.spectral_radius),
         "variations": [v.name for v in variations],
         "seconds_fit": float(result.elapsed_s),
+        "restarts": [{k: r[k] for k in ("restart", "seed", "objective", "selected")}
+                     | {"fractions": np.round(r["fractions"], 4).tolist()}
+                     for r in result.restarts],
     }
 
 
