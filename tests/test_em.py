@@ -164,12 +164,22 @@ def test_result_save_load_round_trip(fitted, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_checkpoint_resume_reproduces_the_uninterrupted_fit(regions, tmp_path):
+def tiny_fit(regions, every, m_steps, pretrain_steps, **update):
+    """Every ``every``-th jet of the module's regions and a two-iteration EM config."""
     data, mc, _ = regions
-    small = {k: RegionData(x=v.x[::4]) for k, v in data.items()}
-    smc = {k: RegionData(x=v.x[::4], flavour=v.flavour[::4]) for k, v in mc.items()}
-    cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2, "m_steps": 3})
-    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 5})})
+    small = {k: RegionData(x=v.x[::every]) for k, v in data.items()}
+    smc = {k: RegionData(x=v.x[::every], flavour=v.flavour[::every]) for k, v in mc.items()}
+    cfg = FAST.model_copy(
+        update={"max_iterations": 2, "min_iterations": 2, "m_steps": m_steps, **update}
+    )
+    cfg = cfg.model_copy(
+        update={"flow": cfg.flow.model_copy(update={"pretrain_steps": pretrain_steps})}
+    )
+    return small, smc, cfg
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_fit(regions, tmp_path):
+    small, smc, cfg = tiny_fit(regions, 4, 3, 5)
     straight = fit_em(small, smc, cfg, seed=1, progress=False)
     first = fit_em(
         small,
@@ -190,11 +200,7 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_fit(regions, tmp_path):
 def test_flavours_trained_in_threads_give_the_serial_fit(regions):
     """The flavour flows train side by side (one thread each); the result must not depend
     on the thread count, and the caller's torch thread setting is restored."""
-    data, mc, _ = regions
-    small = {k: RegionData(x=v.x[::3]) for k, v in data.items()}
-    smc = {k: RegionData(x=v.x[::3], flavour=v.flavour[::3]) for k, v in mc.items()}
-    cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2, "m_steps": 4})
-    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 6})})
+    small, smc, cfg = tiny_fit(regions, 3, 4, 6)
     before = torch.get_num_threads()
     serial = fit_em(small, smc, cfg, seed=5, progress=False, threads=1)
     threaded = fit_em(small, smc, cfg, seed=5, progress=False, threads=3)
@@ -313,11 +319,7 @@ def test_restarts_return_the_fit_of_highest_posterior(regions, tmp_path):
     """restarts = 3: the first restart is the plain fit of that seed, the others are
     independent fits (own pretraining), the returned fit is the one of lowest final
     objective, and all are recorded (and saved)."""
-    data, mc, _ = regions
-    small = {k: RegionData(x=v.x[::3]) for k, v in data.items()}
-    smc = {k: RegionData(x=v.x[::3], flavour=v.flavour[::3]) for k, v in mc.items()}
-    cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2, "m_steps": 4})
-    cfg = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"pretrain_steps": 6})})
+    small, smc, cfg = tiny_fit(regions, 3, 4, 6)
     single = fit_em(small, smc, cfg, seed=4, progress=False)
     multi = fit_em(small, smc, cfg.model_copy(update={"restarts": 3}), seed=4, progress=False,
                    checkpoint_dir=tmp_path)

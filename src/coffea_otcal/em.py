@@ -441,16 +441,10 @@ def fit_em(
     return result
 
 
-def _fit_em_once(
-    data_regions: Mapping[str, RegionData],
-    mc: Mapping[str, RegionData],
-    config: EMConfig | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    threads: int | None = None,
-) -> EMResult:
+def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, RegionData],
+                 config: EMConfig, *, device: str, seed: int, progress: bool,
+                 checkpoint_dir: str | os.PathLike[str] | None, threads: int | None,
+                 ) -> EMResult:
     """One EM fit with one seed (:func:`fit_em`, steps 1-4)."""
     import torch
 
@@ -465,7 +459,6 @@ def _fit_em_once(
     )
 
     t_start = time.perf_counter()
-    config = config or EMConfig()
     if len(config.flavour_codes) != len(config.classes):
         msg = f"flavour_codes {config.flavour_codes} do not match classes {config.classes}"
         raise ValueError(msg)
