@@ -294,6 +294,8 @@ def _summary(config: PipelineConfig, regions: Mapping[str, Any], per_flavour: An
     vr = [regions[r] for r in config.validation_regions]
     hist_after = [h["after"] for r in vr for h in r["histograms"].values()]
     hist_base = [h["baseline"] for r in vr for h in r["histograms"].values() if h["baseline"]]
+    hist_base_eq = [h["baseline_equal_stat"] for r in vr for h in r["histograms"].values()
+                    if h["baseline_equal_stat"]]
     return {
         "validation_regions": list(config.validation_regions),
         "n_data_vr": int(sum(r["n_data"] for r in vr)),
@@ -304,9 +306,8 @@ def _summary(config: PipelineConfig, regions: Mapping[str, Any], per_flavour: An
         "mean_chi2_ndf_before": float(np.mean([r["mean_chi2_ndf"]["before"] for r in vr])),
         "mean_chi2_ndf_after": float(np.mean([h["chi2_ndf"] for h in hist_after])),
         "mean_chi2_ndf_baseline": float(np.mean([h["chi2_ndf"] for h in hist_base])) if hist_base else None,
-        "mean_chi2_ndf_baseline_equal_stat": float(np.mean(
-            [h["baseline_equal_stat"]["chi2_ndf"] for r in vr for h in r["histograms"].values()
-             if h["baseline_equal_stat"]])) if hist_base else None,
+        "mean_chi2_ndf_baseline_equal_stat":
+            float(np.mean([h["chi2_ndf"] for h in hist_base_eq])) if hist_base_eq else None,
         "min_p_value_after": float(np.min([h["p_value"] for h in hist_after])),
         "band_coverage": float(np.mean([r["band_coverage"] for r in vr])),
         "rho_baseline": float(np.mean([r["rho"]["baseline"] for r in vr])) if hist_base else None,
