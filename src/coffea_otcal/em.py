@@ -385,12 +385,11 @@ def fit_em(
        shared the pretrained flows all ended at the same fractions on the demo's sample,
        so each restart pretrains its own), and the fit of highest posterior is returned:
        the lowest final objective, NLL per event plus the prior term of eq. 21 (the MAP
-       of eq. 22-23). Every restart
-       is recorded in :attr:`EMResult.restarts`; restart ``k >= 1`` checkpoints to
-       ``checkpoint_dir/restart_<k>``. With one restart this is exactly one fit. The fits
-       end in different local optima along the weakly constrained direction of the
-       mixture (Sec. VIII.1); on the demo's sample the fit of lowest final objective
-       closed best (docs/em.md, "Restarts").
+       of eq. 22-23). Every restart is recorded in :attr:`EMResult.restarts`; restart
+       ``k >= 1`` checkpoints to ``checkpoint_dir/restart_<k>``. With one restart this is
+       exactly one fit. The fits end in different local optima along the weakly
+       constrained direction of the mixture (Sec. VIII.1); on the demo's sample the fit
+       of lowest final objective closed best (docs/em.md, "Restarts").
 
     Arguments:
         data_regions: unlabelled data per control region.
