@@ -16,6 +16,7 @@ from coffea_otcal.em_diagnostics import (
     compute_diagnostics,
     condition_number,
     feedback_operator,
+    fraction_drift,
     fraction_pulls,
     logit_from_fraction_jacobian,
     logit_hessian,
@@ -230,3 +231,29 @@ def test_report_plots_are_written(fitted, tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert p.stat().st_size > 5000
+
+
+def _trace(lc_values, nll_values):
+    """A trace whose cr_light c fraction follows ``lc_values`` (b takes 30 % of its change,
+    light the rest)."""
+    return [
+        {"iteration": i, "nll": nll, "fractions": [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05],
+                                                    [0.05 - 0.3 * (lc - 0.1), lc,
+                                                     0.95 - 0.7 * (lc - 0.1) - 0.1]]}
+        for i, (lc, nll) in enumerate(zip(lc_values, nll_values, strict=True))
+    ]
+
+
+def test_fraction_drift_names_the_sliding_entry_and_its_rate():
+    regions, classes = ("cr_b", "cr_c", "cr_light"), ("b", "c", "light")
+    trace = _trace([0.10, 0.11, 0.13, 0.136, 0.141, 0.143], [2.6, 2.53, 2.5281, 2.5279,
+                                                             2.5278, 2.5277])
+    drift = fraction_drift(trace, regions, classes, last=3)
+    assert (drift["region"], drift["class"]) == ("cr_light", "c")
+    assert drift["rate"] == pytest.approx((0.143 - 0.13) / 3)
+    assert drift["monotone"] is True
+    assert drift["nll_rate"] == pytest.approx(-0.0004 / 3)
+    assert "cr_light's c fraction was still moving by +0.0043" in drift["message"]
+    wobble = fraction_drift(_trace([0.1, 0.12, 0.11, 0.125], [2.5] * 4), regions, classes, 3)
+    assert wobble["monotone"] is False
+    assert fraction_drift(trace[:3], regions, classes, last=3) is None

@@ -656,7 +656,10 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
     bar.close()
     if not converged:
         logger.warning(
-            "EM did not converge in %d iterations (last NLL/event %.5f); raise max_iterations",
+            "EM did not converge in %d iterations (last NLL/event %.5f): if the fractions "
+            "are still moving one way (the diagnostics' fraction-drift note), more "
+            "iterations slide the fit further along a weakly constrained direction; see "
+            "docs/em.md 'Where the EM stops'",
             config.max_iterations,
             nll,
         )

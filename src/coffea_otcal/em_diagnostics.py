@@ -9,6 +9,7 @@ __all__ = [
     "condition_number",
     "feedback_operator",
     "fraction_covariance",
+    "fraction_drift",
     "fraction_pulls",
     "logit_from_fraction_jacobian",
     "logit_hessian",
@@ -308,6 +309,9 @@ def compute_diagnostics(
             )
             warnings.warn(msg, CompositionWarning, stacklevel=2)
             notes.append(msg)
+    drift = fraction_drift(result.trace, regions, result.classes)
+    if not result.converged and drift is not None:
+        notes.append(drift["message"])
     kappa = condition_number(fractions)
     for i in np.flatnonzero(~stable):
         notes.append(
@@ -351,6 +355,40 @@ def _names(result: EMResult) -> list[str]:
 def _top_entries(vec: np.ndarray, names: list[str], n: int = 2) -> list[str]:
     order = np.argsort(-np.abs(vec))[:n]
     return [f"{names[i]} {vec[i]:+.2f}" for i in order]
+
+
+def fraction_drift(
+    trace: list[dict[str, Any]], regions: tuple[str, ...] | list[str],
+    classes: tuple[str, ...] | list[str], last: int = 3,
+) -> dict[str, Any] | None:
+    r"""How the fractions were still moving over the ``last`` iterations of an EM trace.
+
+    An EM that stops at ``max_iterations`` while a fraction keeps moving in one direction
+    and the NLL per event barely changes is sliding along a weakly constrained direction
+    (Kim & Yang Sec. VIII.1): where it stops is set by the iteration budget and the flows'
+    learning-rate schedule, not by the data, and more iterations move it further. Returns
+    ``None`` for traces shorter than ``last + 1`` entries, else the fastest-moving entry
+    (region, class, change per iteration, whether it moved monotonically), the NLL change
+    per iteration over the same span, and a one-line ``message``.
+    """
+    if len(trace) < last + 1:
+        return None
+    fr = np.asarray([t["fractions"] for t in trace[-(last + 1):]], dtype=np.float64)
+    steps = np.diff(fr, axis=0)
+    rate = (fr[-1] - fr[0]) / last
+    r, c = np.unravel_index(int(np.argmax(np.abs(rate))), rate.shape)
+    monotone = bool(np.all(np.sign(steps[:, r, c]) == np.sign(rate[r, c])))
+    dnll = (trace[-1]["nll"] - trace[-(last + 1)]["nll"]) / last
+    message = (
+        f"EM stopped while {regions[r]}'s {classes[c]} fraction was still moving by "
+        f"{rate[r, c]:+.4f} per iteration over the last {last} iterations "
+        f"({'monotonically' if monotone else 'not monotonically'}; NLL per event "
+        f"{dnll:+.2e} per iteration): if monotonic, the fit is sliding along a weakly "
+        "constrained direction and more iterations move it further (Kim & Yang Sec. VIII.1, "
+        "docs/em.md 'Where the EM stops')"
+    )
+    return {"region": regions[r], "class": classes[c], "rate": float(rate[r, c]),
+            "monotone": monotone, "nll_rate": float(dnll), "message": message}
 
 
 def _fraction_errors(v_a: np.ndarray, fractions: np.ndarray) -> np.ndarray:
