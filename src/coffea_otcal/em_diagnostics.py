@@ -206,6 +206,8 @@ class EMDiagnostics:
     fraction_errors_stat: np.ndarray
     fraction_errors_eff: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    #: how the fractions were still moving at the end of the fit (:func:`fraction_drift`)
+    fraction_drift: dict[str, Any] | None = None
 
     @property
     def p_stable(self) -> np.ndarray:
@@ -344,6 +346,7 @@ def compute_diagnostics(
         fraction_errors_stat=_fraction_errors(v_stat, fractions),
         fraction_errors_eff=_fraction_errors(v_eff, fractions),
         warnings=notes,
+        fraction_drift=drift,
     )
 
 

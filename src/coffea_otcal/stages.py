@@ -125,7 +125,7 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                  progress: bool, truth: Any) -> dict[str, Any]:
     """EM fit, diagnostics, variations, OT targets and the EM plots."""
     from coffea_otcal.em import fit_em
-    from coffea_otcal.em_diagnostics import compute_diagnostics, fraction_drift
+    from coffea_otcal.em_diagnostics import compute_diagnostics
     from coffea_otcal.em_plots import plot_em_report
     from coffea_otcal.variations import build_targets, make_variations
 
@@ -144,7 +144,6 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     result.save(tmp / "em_result.npz")
     (tmp / "diagnostics.json").write_text(json.dumps(diagnostics.to_dict(), indent=1, default=float))
     em_truth = truth.get("em") if truth else None
-    drift = fraction_drift(result.trace, result.regions, result.classes)
     plot_em_report(result, tmp / "plots", truth=em_truth, diagnostics=diagnostics,
                    variations=variations)
     return {
@@ -153,8 +152,8 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         "fractions": np.asarray(result.fractions).round(4).tolist(),
         "condition_number": float(diagnostics.condition_number),
         "spectral_radius": float(diagnostics.spectral_radius),
-        "fraction_drift": None if drift is None else {k: v for k, v in drift.items()
-                                                      if k != "message"},
+        "fraction_drift": None if diagnostics.fraction_drift is None else {
+            k: v for k, v in diagnostics.fraction_drift.items() if k != "message"},
         "variations": [v.name for v in variations],
         "seconds_fit": float(result.elapsed_s),
         "restarts": [{k: r[k] for k in ("restart", "seed", "objective", "selected")}
