@@ -18,8 +18,8 @@ from coffea_otcal.em import (
     logits_from_fractions,
     prior_logit_covariance,
 )
-from coffea_otcal.em import _map_logits as map_logits
 from coffea_otcal.em_diagnostics import compute_diagnostics
+from coffea_otcal.em_prior import map_logits
 from coffea_otcal.flows import FlowConfig
 
 torch.set_num_threads(1)

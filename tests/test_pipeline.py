@@ -197,6 +197,15 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     assert report["regions"]["vr"]["validation"]
     assert not report["regions"]["cr_b"]["validation"]
     assert report["regions"]["vr"]["rho"]["ot"] == 1.0
+    # control regions also at the EM's fitted composition; the validation region was not fit
+    assert report["regions"]["vr"]["after_em_fractions"] is None
+    for cr in ("cr_b", "cr_c", "cr_light"):
+        post = report["regions"][cr]["after_em_fractions"]
+        assert post["mean_chi2_ndf"] > 0
+        assert 0.0 <= post["min_p_value"] <= 1.0
+        assert post["mean_chi2_ndf"] == pytest.approx(np.mean(
+            [h["after_em_fractions"]["chi2_ndf"]
+             for h in report["regions"][cr]["histograms"].values()]))
     hists = report["regions"]["vr"]["histograms"]
     assert set(hists) == {"D_bc(k=1)", "D_cl(k=1)", "D_hfl(k=1)"}
     after = [h["after"]["chi2_ndf"] for h in hists.values()]

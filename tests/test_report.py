@@ -15,9 +15,35 @@ from hypothesis.extra import numpy as hnp
 from coffea_otcal import geometry
 from coffea_otcal.adapters import get_adapter
 from coffea_otcal.latent_tagger import quantise_mantissa
-from coffea_otcal.report import band_coverage, detect_mantissa_bits, requantise
+from coffea_otcal.report import (
+    band_coverage,
+    detect_mantissa_bits,
+    em_fraction_factors,
+    requantise,
+)
 
 REAL = Path(__file__).parent / "data" / "nano_tt_v15.root"
+
+
+# ----------------------------------------------------------------------------- EM fractions
+
+
+def test_em_fraction_factors_give_the_fitted_composition() -> None:
+    rng = np.random.default_rng(3)
+    flavour = rng.choice([5, 4, 0, 15], size=5000, p=[0.6, 0.2, 0.15, 0.05])
+    weight = rng.uniform(-0.2, 2.0, size=5000)  # negative MC weights allowed
+    fitted = [[0.9, 0.05, 0.05], [0.5, 0.3, 0.2]]
+    factors = em_fraction_factors(fitted, ["cr_b", "cr_x"], [5, 4, 0], "cr_x", flavour, weight)
+    assert factors is not None
+    w = weight * factors
+    known = np.isin(flavour, [5, 4, 0])
+    # flavour 15 has no fitted fraction: its jets keep their weight
+    np.testing.assert_array_equal(factors[~known], 1.0)
+    total = weight.sum()
+    for code, frac in zip([5, 4, 0], fitted[1], strict=True):
+        assert w[flavour == code].sum() / total == pytest.approx(frac, rel=1e-12)
+    # a region the EM did not fit (validation) has no post-fit composition
+    assert em_fraction_factors(fitted, ["cr_b", "cr_x"], [5, 4, 0], "vr", flavour, weight) is None
 
 
 # ----------------------------------------------------------------------------- band coverage

@@ -18,8 +18,7 @@ import hashlib
 import logging
 import os
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from coffea_otcal.atomic import atomic_path
+from coffea_otcal.em_prior import (
+    CompositionWarning,
+    check_composition,
+    check_region,
+    flavour_index,
+    initial_logits,
+    map_logits,
+    prior_fractions,
+    prior_logit_covariance,
+)
 from coffea_otcal.em_result import (
     EMResult,
     RegionData,
@@ -39,10 +48,6 @@ from coffea_otcal.flows import FlowConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "em_checkpoint.pt"
-
-
-class CompositionWarning(UserWarning):
-    """The composition matrix is nearly singular, or a fit slid beyond its prior."""
 
 
 class EMConfig(BaseModel):
@@ -119,220 +124,6 @@ class EMConfig(BaseModel):
     condition_error: float = Field(
         default=1e6, gt=1, description="refuse composition matrices with kappa above this"
     )
-
-
-def prior_logit_covariance(n_classes: int, enriched: int, width: float) -> np.ndarray:
-    r"""Covariance :math:`\Sigma_{a,r}` of eq. 21 for a region enriched in class ``enriched``.
-
-    The paper sets a width ``width`` on each background-to-signal log-ratio
-    :math:`b_h = \log(\pi_h / \pi_e)`, :math:`h \ne e` (Sec. VII), independently. With
-    :math:`a_K \equiv 0`, :math:`b = T a` with rows :math:`T_h = \hat e_h - \hat e_e`, so
-    :math:`\Sigma_a = T^{-1} (\sigma^2 I) T^{-T}`; for the light region (the reference
-    class) :math:`T = I`.
-    """
-    k = n_classes - 1
-
-    def unit(j: int) -> np.ndarray:
-        v = np.zeros(k)
-        if j < k:
-            v[j] = 1.0
-        return v
-
-    rows = [unit(h) - unit(enriched) for h in range(n_classes) if h != enriched]
-    t = np.array(rows)
-    t_inv = np.linalg.inv(t)
-    return width**2 * t_inv @ t_inv.T
-
-
-# -- input checks ------------------------------------------------------------------------
-def _check_region(name: str, d: RegionData, kind: str, need_flavour: bool) -> RegionData:
-    x = np.asarray(d.x, dtype=np.float64)
-    if x.ndim != 2:
-        msg = (
-            f"{kind} region {name!r}: x must be (n_jets, D-1) ILR coordinates, got shape {x.shape}"
-        )
-        raise ValueError(msg)
-    n = len(x)
-    if n == 0:
-        msg = f"{kind} region {name!r} has no jets; fill it or drop it from the fit"
-        raise ValueError(msg)
-    bad = int((~np.isfinite(x)).any(axis=1).sum())
-    if bad:
-        msg = f"{kind} region {name!r}: {bad} of {n} jets have NaN/inf ILR coordinates; flag them with the tagger adapter and drop them"
-        raise ValueError(msg)
-    w = np.ones(n) if d.weight is None else np.asarray(d.weight, dtype=np.float64)
-    if w.shape != (n,):
-        msg = f"{kind} region {name!r}: weight has shape {w.shape}, expected ({n},)"
-        raise ValueError(msg)
-    nbad = int((~np.isfinite(w)).sum())
-    if nbad:
-        msg = f"{kind} region {name!r}: {nbad} event weights are NaN/inf"
-        raise ValueError(msg)
-    if w.sum() <= 0:
-        msg = f"{kind} region {name!r}: event weights sum to {w.sum():.6g} (<= 0); cannot fit"
-        raise ValueError(msg)
-    ctx = None
-    if d.context is not None:
-        ctx = np.asarray(d.context, dtype=np.float64)
-        if ctx.ndim == 1:
-            ctx = ctx[:, None]
-        if ctx.shape[0] != n:
-            msg = f"{kind} region {name!r}: context has {ctx.shape[0]} rows for {n} jets"
-            raise ValueError(msg)
-        cbad = int((~np.isfinite(ctx)).any(axis=1).sum())
-        if cbad:
-            msg = f"{kind} region {name!r}: {cbad} jets have NaN/inf context values"
-            raise ValueError(msg)
-    flav = None
-    if need_flavour:
-        if d.flavour is None:
-            msg = (
-                f"{kind} region {name!r} has no truth flavour labels; MC needs them for pretraining"
-            )
-            raise ValueError(msg)
-        flav = np.asarray(d.flavour)
-        if flav.shape != (n,):
-            msg = f"{kind} region {name!r}: flavour has shape {flav.shape}, expected ({n},)"
-            raise ValueError(msg)
-    return RegionData(x=x, context=ctx, weight=w, flavour=flav)
-
-
-def _flavour_index(name: str, flavour: np.ndarray, config: EMConfig) -> np.ndarray:
-    codes = np.asarray(config.flavour_codes)
-    idx = np.full(len(flavour), -1)
-    for i, code in enumerate(codes):
-        idx[flavour == code] = i
-    if (idx < 0).any():
-        unknown = sorted({int(v) for v in np.unique(flavour[idx < 0])})
-        msg = (
-            f"MC region {name!r}: {int((idx < 0).sum())} jets have flavour codes {unknown} "
-            f"not in flavour_codes {tuple(config.flavour_codes)} (classes {config.classes})"
-        )
-        raise ValueError(msg)
-    return idx
-
-
-def _prior_fractions(
-    regions: Sequence[str],
-    mc: Mapping[str, RegionData],
-    mc_index: Mapping[str, np.ndarray],
-    config: EMConfig,
-) -> np.ndarray:
-    n_f = len(config.classes)
-    rows = []
-    for r in regions:
-        if config.prior_fractions is not None:
-            if r not in config.prior_fractions:
-                msg = f"prior_fractions has no entry for data region {r!r}"
-                raise ValueError(msg)
-            row = np.asarray(config.prior_fractions[r], dtype=np.float64)
-            if row.shape != (n_f,) or (row < 0).any() or row.sum() <= 0:
-                msg = f"prior_fractions[{r!r}] = {row.tolist()} is not {n_f} non-negative fractions"
-                raise ValueError(msg)
-        else:
-            if r not in mc:
-                msg = (
-                    f"no MC region named {r!r} to take the prior composition from; MC regions "
-                    f"are {sorted(mc)}; name them like the data regions or set prior_fractions"
-                )
-                raise ValueError(msg)
-            w = mc[r].weight_array
-            row = np.array([w[mc_index[r] == i].sum() for i in range(n_f)])
-            if row.sum() <= 0:
-                msg = f"MC region {r!r}: weights sum to {row.sum():.6g}; cannot form the prior"
-                raise ValueError(msg)
-        row = row / row.sum()
-        for i, v in enumerate(row):
-            if v < config.min_fraction:
-                logger.warning(
-                    "region %r: prior fraction of %r is %.3g; floored at %.3g",
-                    r,
-                    config.classes[i],
-                    v,
-                    config.min_fraction,
-                )
-        row = np.maximum(row, config.min_fraction)
-        rows.append(row / row.sum())
-    return np.array(rows)
-
-
-def check_composition(pi: np.ndarray, regions: Sequence[str], config: EMConfig) -> float:
-    """Condition number (eq. 27) of a composition matrix; error / warning when too large."""
-    s = np.linalg.svd(pi, compute_uv=False)
-    kappa = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
-    if pi.shape[0] < pi.shape[1]:
-        msg = (
-            f"{pi.shape[0]} regions {list(regions)} cannot separate {pi.shape[1]} flavours: "
-            "the composition matrix Pi needs at least as many regions as flavours"
-        )
-        raise ValueError(msg)
-    if not np.isfinite(kappa) or kappa > config.condition_error:
-        msg = (
-            f"composition matrix of regions {list(regions)} is singular (condition number "
-            f"kappa = {kappa:.3g} > {config.condition_error:.3g}); the regions need distinct "
-            f"flavour compositions. Pi = {np.round(pi, 4).tolist()}"
-        )
-        raise ValueError(msg)
-    if kappa > config.condition_warn:
-        msg = (
-            f"composition matrix of regions {list(regions)} is nearly singular: kappa = "
-            f"{kappa:.3g} > {config.condition_warn:.3g}; extracted densities amplify errors "
-            "by up to kappa (Kim & Yang eq. 26-27)"
-        )
-        warnings.warn(msg, CompositionWarning, stacklevel=3)
-    return kappa
-
-
-def _initial_logits(pi0: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
-    """Random start: every fraction changed by at most ``delta`` relative (Sec. VII)."""
-    out = []
-    for row in pi0:
-        for _ in range(1000):
-            trial = row * (1.0 + rng.uniform(-delta, delta, size=row.shape))
-            trial = trial / trial.sum()
-            if np.all(np.abs(trial / row - 1.0) <= delta + 1e-12):
-                break
-        else:  # pragma: no cover - the identity draw always passes for small delta
-            trial = row
-        out.append(trial)
-    return logits_from_fractions(np.array(out))
-
-
-def _map_logits(
-    counts: np.ndarray, a0: np.ndarray, precision: np.ndarray, start: np.ndarray
-) -> np.ndarray:
-    r"""Row-local MAP of eq. 22-23 for the logits by Newton's method.
-
-    Maximises :math:`\sum_k n_k \log\pi_k(a) - \tfrac12 (a-a^0)^T \Sigma^{-1} (a-a^0)`
-    with :math:`n_k = \sum_i w_i \gamma_{i,k}`: gradient :math:`n_j - N\pi_j -
-    [\Sigma^{-1}(a - a^0)]_j`, Hessian :math:`-N(\mathrm{diag}\,\pi' - \pi'\pi'^T) -
-    \Sigma^{-1}` (strictly concave, so Newton with step halving converges).
-    """
-    n_total = counts.sum()
-
-    def objective(a: np.ndarray) -> float:
-        pi = fractions_from_logits(a)
-        d = a - a0
-        return float(counts @ np.log(pi) - 0.5 * d @ precision @ d)
-
-    a = start.copy()
-    f = objective(a)
-    for _ in range(100):
-        pi = fractions_from_logits(a)[:-1]
-        grad = counts[:-1] - n_total * pi - precision @ (a - a0)
-        hess = -n_total * (np.diag(pi) - np.outer(pi, pi)) - precision
-        step = -np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-6:
-            f_new = objective(a + t * step)
-            if f_new >= f - 1e-12:
-                break
-            t *= 0.5
-        a = a + t * step
-        f = f_new
-        if np.abs(t * step).max() < 1e-10:
-            break
-    return a
 
 
 def _fingerprint(
@@ -467,8 +258,8 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
     if not mc:
         msg = "no MC regions given; the flows need labelled MC for pretraining"
         raise ValueError(msg)
-    data = {k: _check_region(k, v, "data", False) for k, v in data_regions.items()}
-    mcs = {k: _check_region(k, v, "MC", True) for k, v in mc.items()}
+    data = {k: check_region(k, v, "data", False) for k, v in data_regions.items()}
+    mcs = {k: check_region(k, v, "MC", True) for k, v in mc.items()}
     regions = tuple(data)
     n_f = len(config.classes)
     dims = {d.x.shape[1] for d in [*data.values(), *mcs.values()]}
@@ -486,7 +277,7 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
             msg = f"context widths differ between regions: {sorted(widths)}"
             raise ValueError(msg)
         n_ctx = widths.pop()
-    mc_index = {k: _flavour_index(k, np.asarray(v.flavour), config) for k, v in mcs.items()}
+    mc_index = {k: flavour_index(k, np.asarray(v.flavour), config) for k, v in mcs.items()}
     pooled_idx = np.concatenate([mc_index[k] for k in mcs])
     for i, name in enumerate(config.classes):
         if not (pooled_idx == i).any():
@@ -498,7 +289,7 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
         w = d.weight_array
         data[k] = RegionData(x=d.x, context=d.context, weight=w * w.sum() / (w**2).sum())
 
-    pi0 = _prior_fractions(regions, mcs, mc_index, config)
+    pi0 = prior_fractions(regions, mcs, mc_index, config)
     kappa = check_composition(pi0, regions, config)
     logger.info("prior composition matrix condition number kappa = %.3f", kappa)
     enriched_idx = []
@@ -530,7 +321,7 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
     n_threads = default_flow_threads(n_f) if threads is None else max(1, int(threads))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    a_init = _initial_logits(pi0, config.init_perturbation, rng)
+    a_init = initial_logits(pi0, config.init_perturbation, rng)
 
     x_all = np.concatenate([data[r].x for r in regions])
     c_all = np.concatenate([data[r].context for r in regions]) if n_ctx else None
@@ -610,7 +401,7 @@ def _fit_em_once(data_regions: Mapping[str, RegionData], mc: Mapping[str, Region
             for r in range(len(regions)):
                 sl = slice(slices[r], slices[r + 1])
                 counts = w_all[sl] @ gamma[sl]
-                a[r] = _map_logits(counts, a0[r], precision[r], a[r])
+                a[r] = map_logits(counts, a0[r], precision[r], a[r])
         # M-step, flows (pooled over regions, weights w_i * gamma_{r,i,f})
         lr = max(
             config.flow.learning_rate * config.learning_rate_decay ** (iteration - 1),
