@@ -377,6 +377,28 @@ def test_training_variation_adds_a_second_seed_map(
         assert "up_ot_training" in f.read()
 
 
+def test_flavour_nominal_changes_only_that_flavours_first_stage(
+    raw_config: dict[str, Any], finished: PipelineResult, tmp_path: Path
+) -> None:
+    raw = json.loads(json.dumps(raw_config))
+    raw["ot"]["flavour_nominal"] = {"b": {"steps": 40}}
+    out = _copy_run(finished, tmp_path)
+    result = run_pipeline(PipelineConfig.model_validate(raw), out, progress=False)
+    assert result.stages["em"].cached
+    assert not result.stages["ot"].cached
+    metrics = Bundle.load(result.bundle).provenance.metrics
+    assert metrics["b/nominal/steps"] == 40
+    assert metrics["c/nominal/steps"] == metrics["light/nominal/steps"] == 30  # the nominal's
+    # a flavour the targets do not have, and settings OTConfig does not know, are errors
+    raw["ot"]["flavour_nominal"] = {"tau": {"steps": 5}}
+    with pytest.raises(ValueError, match=r"ot.flavour_nominal names flavours \['tau'\]"):
+        run_pipeline(PipelineConfig.model_validate(raw), _copy_run(finished, tmp_path / "u"),
+                     progress=False)
+    raw["ot"]["flavour_nominal"] = {"b": {"stepz": 5}}
+    with pytest.raises(ValueError, match=r"ot.flavour_nominal\['b'\]"):
+        PipelineConfig.model_validate(raw)
+
+
 def test_leftover_tmp_and_incomplete_manifests_are_never_reused(
     finished: PipelineResult, config: PipelineConfig, tmp_path: Path
 ) -> None:

@@ -79,6 +79,15 @@ class OTStageConfig(_Model):
             "annealed state closed better than the one of lowest held-out dual (docs/ot.md)"
         ),
     )
+    flavour_nominal: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "per flavour label, OTConfig fields that replace the nominal's for that flavour's "
+            "first-stage map (and its training variation), e.g. {b: {steps: 5000}}: b-jet "
+            "scores spread widest and their map needs the most steps (docs/ot.md); variation "
+            "fine-tuning is unchanged"
+        ),
+    )
     max_variations: int | None = Field(
         None, ge=0, description="train maps for the N variations of largest variance (None: all)"
     )
@@ -112,6 +121,24 @@ class OTStageConfig(_Model):
         "threads (None: one per CPU, at most 8; 1: one map after the other in this process; "
         "on CUDA always 1); not part of the stage's cache key",
     )
+
+
+    @model_validator(mode="after")
+    def _check_flavour_nominal(self) -> OTStageConfig:
+        for flavour in self.flavour_nominal:
+            self.nominal_for(flavour)  # unknown or invalid fields fail here, at load time
+        return self
+
+    def nominal_for(self, flavour: str) -> OTConfig:
+        """The nominal OT settings of one flavour (``nominal`` with ``flavour_nominal``)."""
+        over = self.flavour_nominal.get(flavour)
+        if not over:
+            return self.nominal
+        try:
+            return OTConfig.model_validate({**self.nominal.model_dump(), **over})
+        except ValidationError as err:
+            msg = f"ot.flavour_nominal[{flavour!r}] = {over!r} is not valid OTConfig settings: {err}"
+            raise ValueError(msg) from err
 
 
 class ClosureConfig(_Model):

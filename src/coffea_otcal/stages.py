@@ -203,6 +203,11 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     variations = list(targets.meta.variations)
     if config.ot.max_variations is not None:
         variations = sorted(variations, key=lambda v: -v.sigma)[: config.ot.max_variations]
+    unknown = sorted(set(config.ot.flavour_nominal) - set(targets.flavours))
+    if unknown:
+        msg = (f"ot.flavour_nominal names flavours {unknown} that the EM targets do not have; "
+               f"they are {list(targets.flavours)}")
+        raise ValueError(msg)
     device = str(resolve_device(config.device))
     ckpt = _checkpoint_dir(config, results, "ot", "em")
     # every published map, in bundle order, and the trained map it is (when not itself)
@@ -235,14 +240,15 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                 var_jobs.append(MapJob(key, _fit_kwargs(source, target, var_cfg,
                                                         f"{flav}/{key[1]}", progress=False)))
         first = (code, FIRST_STAGE) if config.ot.common_fine_tune else nominal
-        jobs.append(MapJob(first, _fit_kwargs(source, nominal_target, nominal_cfg, flav,
+        flav_cfg = config.ot.nominal_for(flav)
+        jobs.append(MapJob(first, _fit_kwargs(source, nominal_target, flav_cfg, flav,
                                               progress=progress, checkpoint_dir=ckpt), var_jobs))
         if config.ot.training_variation:
             alt, down = (code, f"{TRAINING_VARIATION}_up"), (code, f"{TRAINING_VARIATION}_down")
             published += [alt, down]
             aliases[down] = nominal  # one-sided
             alt_fit = _fit_kwargs({**source, "seed": config.seed + 1}, nominal_target,
-                                  nominal_cfg, f"{flav}/{TRAINING_VARIATION}", progress=False,
+                                  flav_cfg, f"{flav}/{TRAINING_VARIATION}", progress=False,
                                   checkpoint_dir=ckpt)
             if config.ot.common_fine_tune:  # fine-tuned exactly as the published nominal
                 alt_jobs.append(MapJob((code, f"{TRAINING_VARIATION}_first_stage"), alt_fit, [
