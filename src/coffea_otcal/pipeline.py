@@ -122,7 +122,6 @@ class OTStageConfig(_Model):
         "on CUDA always 1); not part of the stage's cache key",
     )
 
-
     @model_validator(mode="after")
     def _check_flavour_nominal(self) -> OTStageConfig:
         for flavour in self.flavour_nominal:

@@ -134,14 +134,10 @@ def _calibrate_region(cal: Any, probs: np.ndarray, flavour: np.ndarray,
     return out
 
 
-def _baseline_ratios(
-    config: PipelineConfig, results: Mapping[str, StageResult]
-) -> tuple[dict[int, Any], bool]:
+def _baseline_ratios(config: PipelineConfig, targets: Any) -> tuple[dict[int, Any], bool]:
     """Vertical baseline: per flavour, a density ratio MC -> EM data target (and if it uses context)."""
-    from coffea_otcal.variations import Targets
     from coffea_otcal.vertical import fit_density_ratio
 
-    targets = Targets.load(results["em"].folder / "targets.npz")
     codes = dict(zip(targets.meta.classes, targets.meta.flavour_codes, strict=True))
     ratios = {}
     for flav, tgt in targets.flavours.items():
@@ -187,6 +183,7 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
     from coffea_otcal.closure_plots import plot_discriminant_closure, plot_map_arrows
     from coffea_otcal.pipeline import context_arrays
     from coffea_otcal.store import load_store
+    from coffea_otcal.variations import Targets
     from coffea_otcal.vertical import effective_sample_fraction
 
     store = load_store(results["fill"].folder / "store.parquet")
@@ -194,10 +191,9 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
     cal = Calibrator(bundle)
     cc = config.closure
     rng = np.random.default_rng(config.seed)
-    ratios, ratio_context = _baseline_ratios(config, results) if cc.baseline else ({}, False)
-    from coffea_otcal.variations import Targets
-
-    em_fit = Targets.load(results["em"].folder / "targets.npz").meta  # classes, codes, fractions
+    targets = Targets.load(results["em"].folder / "targets.npz")
+    em_fit = targets.meta  # classes, codes, fitted fractions
+    ratios, ratio_context = _baseline_ratios(config, targets) if cc.baseline else ({}, False)
     plots: list[Path] = []
     regions: dict[str, Any] = {}
     arrows_before: dict[str, np.ndarray] = {}
@@ -232,11 +228,11 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
                 key = f"{name}(k={k:g})"
                 hd = _hist(discriminant_values(data.probs, name, k), data.weight, cc.bins)
                 hb = _hist(discriminant_values(mc.probs, name, k), mc.weight, cc.bins)
-                ha = _hist(discriminant_values(nominal, name, k), mc.weight, cc.bins)
+                d_nominal = discriminant_values(nominal, name, k)
+                ha = _hist(d_nominal, mc.weight, cc.bins)
                 hv = [_hist(discriminant_values(v, name, k), mc.weight, cc.bins)[0] for v in variations]
                 hr = _hist(discriminant_values(mc.probs, name, k), w_base, cc.bins)
-                hp = (_hist(discriminant_values(nominal, name, k), mc.weight * postfit, cc.bins)
-                      if postfit is not None else None)
+                hp = _hist(d_nominal, mc.weight * postfit, cc.bins) if postfit is not None else None
                 i, u = band_coverage(hd, ha, hv)
                 inside, used = inside + i, used + u
                 hists[key] = {
@@ -245,7 +241,7 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
                     "baseline": shape_chi2(*hr, *hd).to_dict() if ratios else None,
                     "baseline_equal_stat": (shape_chi2(hr[0], hr[1] * rho_base, *hd).to_dict()
                                             if ratios else None),
-                    "after_em_fractions": shape_chi2(*hp, *hd).to_dict() if hp else None,
+                    "after_em_fractions": shape_chi2(*hp, *hd).to_dict() if hp is not None else None,
                     "band_coverage": [i, u],
                 }
                 if is_vr or (cc.plot_control_regions and k == 1.0):
