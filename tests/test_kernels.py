@@ -113,7 +113,7 @@ def test_fitted_map_bad_inputs_are_named():
         FittedMap.from_export(bad)
     bad = _fitted("icnn")
     bad["potential"]["params"]["A0"][0][0] = float("nan")
-    with pytest.raises(ValueError, match="'A0' contains NaN"):
+    with pytest.raises(ValueError, match="parameter 'A0' holds a non-finite number nan"):
         FittedMap.from_export(bad)
     bad = _fitted("icnn")
     bad["preprocessing"]["shift"] = [0.0]

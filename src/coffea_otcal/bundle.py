@@ -53,11 +53,17 @@ import platform
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coffea_otcal.atomic import atomic_write_bytes
+from coffea_otcal.map_format import (
+    FittedMapExport,
+    ICNNPotential,
+    PICNNPotential,
+    Preprocessing,
+)
 from coffea_otcal.versions import installed_version
 
 #: the bundle schema version this code writes and the newest it reads.
@@ -75,16 +81,6 @@ class _Model(BaseModel):
     """Base of every bundle model: unknown fields are refused, instances are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _finite(value: Any, where: str) -> None:
-    """Raise if a (nested) list of numbers holds NaN or inf, naming ``where``."""
-    if isinstance(value, list):
-        for item in value:
-            _finite(item, where)
-    elif isinstance(value, float) and not math.isfinite(value):
-        msg = f"{where} holds a non-finite number {value!r}; bundles store finite numbers only"
-        raise ValueError(msg)
 
 
 class WriterInfo(_Model):
@@ -212,85 +208,6 @@ class VariationSpec(_Model):
             msg = f"variation name {name!r} is reserved; do not use 'nominal' or *_up / *_down"
             raise ValueError(msg)
         return name
-
-
-def _check_params(params: Mapping[str, Any], kind: str) -> None:
-    for key, value in params.items():
-        _finite(value, f"{kind} parameter {key!r}")
-
-
-class ICNNPotential(_Model):
-    """An exported input-convex network (``coffea_otcal.potentials`` ``export()``)."""
-
-    kind: Literal["icnn"] = Field(description="potential family")
-    config: dict[str, Any] = Field(description="constructor keywords of the potential")
-    params: dict[str, Any] = Field(description="parameter name -> nested list of floats")
-
-    @model_validator(mode="after")
-    def _params_finite(self) -> ICNNPotential:
-        _check_params(self.params, self.kind)
-        return self
-
-
-class PICNNPotential(_Model):
-    """An exported partially input-convex network conditioned on the context variables."""
-
-    kind: Literal["picnn"] = Field(description="potential family")
-    config: dict[str, Any] = Field(description="constructor keywords of the potential")
-    params: dict[str, Any] = Field(description="parameter name -> nested list of floats")
-
-    @model_validator(mode="after")
-    def _params_finite(self) -> PICNNPotential:
-        _check_params(self.params, self.kind)
-        return self
-
-
-Potential = Annotated[ICNNPotential | PICNNPotential, Field(discriminator="kind")]
-
-
-class Preprocessing(_Model):
-    r"""Standardisation around the potential (layout of ``kernels.Preprocessing``).
-
-    The map is :math:`T(z \\mid c) = m + s\\, \\nabla_x g\\big((z - m)/s,\\ (c - c_m)/c_s\\big)`
-    with a common isotropic shift ``m`` (d entries) and scale ``s`` of the ILR coordinates,
-    and per-variable context shift ``c_m`` and scale ``c_s`` (null without context).
-    """
-
-    shift: list[float] = Field(description="m: common ILR shift, one entry per coordinate")
-    scale: float = Field(gt=0, description="s: common isotropic ILR scale")
-    context_shift: list[float] | None = Field(default=None, description="c_m per context variable")
-    context_scale: list[float] | None = Field(default=None, description="c_s per context variable")
-
-    @model_validator(mode="after")
-    def _check(self) -> Preprocessing:
-        cshift, cscale = self.context_shift or [], self.context_scale or []
-        _finite([*self.shift, self.scale, *cshift, *cscale], "preprocessing")
-        if len(cshift) != len(cscale):
-            msg = (
-                f"preprocessing: context_shift has {len(cshift)} entries but context_scale "
-                f"has {len(cscale)}"
-            )
-            raise ValueError(msg)
-        if any(s <= 0 for s in cscale):
-            msg = f"preprocessing: context_scale must be > 0, got {cscale}"
-            raise ValueError(msg)
-        return self
-
-    @property
-    def n_context(self) -> int:
-        """The number of context variables the map standardises."""
-        return len(self.context_shift or [])
-
-
-class FittedMapExport(_Model):
-    """One fitted transport map, exactly the layout of ``kernels.FittedMap.export()``."""
-
-    format: Literal["coffea-otcal.fitted-map"] = Field(description="format tag")
-    version: Literal[1] = Field(description="layout version")
-    name: str = Field(default="", description="free label, e.g. 'b' or 'b/comp_up'")
-    potential: Potential = Field(description="the convex potential g (discriminated on kind)")
-    preprocessing: Preprocessing = Field(description="standardisation of x and context")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="training metrics")
 
 
 class MapEntry(_Model):

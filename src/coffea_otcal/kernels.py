@@ -8,70 +8,27 @@ __all__ = [
     "FittedMap",
     "FittedMapExport",
     "NumpyPotential",
-    "PotentialExport",
     "Preprocessing",
 ]
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coffea_otcal.gradient_kernels import CHUNK, WORKSPACE, FeatureMajorGradient, one_blas_thread
-
-#: ``format`` tag and version of :meth:`FittedMap.export`.
-FITTED_MAP_FORMAT = "coffea-otcal.fitted-map"
-FITTED_MAP_VERSION = 1
+from coffea_otcal.map_format import (
+    FITTED_MAP_FORMAT,
+    FITTED_MAP_VERSION,
+    FittedMapExport,
+    ICNNPotential,
+    PICNNPotential,
+    Preprocessing,
+    parse_potential,
+)
 
 #: Rows evaluated at once (see ``gradient_kernels.CHUNK``).
 _CHUNK = CHUNK
-
-
-class PotentialExport(BaseModel):
-    """Exported potential: ``kind``, its ``config`` and effective ``params`` (nested lists)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["icnn", "picnn"] = Field(description="potential family")
-    config: dict[str, Any] = Field(description="hyper-parameters (ICNNConfig / PICNNConfig)")
-    params: dict[str, Any] = Field(description="parameter name -> nested lists / scalar")
-
-
-class Preprocessing(BaseModel):
-    """Affine standardisation: ``x' = (x - shift) / scale`` (isotropic), ``c' = (c - cs) / cc``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shift: list[float] = Field(description="common mean m of source and target (length d)")
-    scale: float = Field(gt=0.0, description="isotropic scale s (one scalar for all x axes)")
-    context_shift: list[float] | None = Field(
-        default=None, description="per-coordinate context mean (length k) or null"
-    )
-    context_scale: list[float] | None = Field(
-        default=None, description="per-coordinate context scale (length k) or null"
-    )
-
-    @field_validator("context_scale")
-    @classmethod
-    def _positive(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and any(not (v > 0.0) for v in value):
-            msg = f"context_scale must be > 0 everywhere, got {value!r}"
-            raise ValueError(msg)
-        return value
-
-
-class FittedMapExport(BaseModel):
-    """Versioned JSON layout of a fitted transport map (see ``docs/ot.md``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["coffea-otcal.fitted-map"] = Field(description="format tag")
-    version: Literal[1] = Field(description="layout version")
-    name: str = Field(default="", description="free label, e.g. 'b' or 'b/jesUp'")
-    potential: PotentialExport = Field(description="the convex potential g")
-    preprocessing: Preprocessing = Field(description="standardisation of x and context")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="training metrics")
 
 
 def _smooth_relu(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +80,7 @@ class NumpyPotential:
         array([[2.]])
     """
 
-    def __init__(self, export: PotentialExport, dtype: type = np.float64) -> None:
+    def __init__(self, export: ICNNPotential | PICNNPotential, dtype: type = np.float64) -> None:
         self.kind = export.kind
         self.config = dict(export.config)
         self.dtype = np.dtype(dtype)
@@ -181,11 +138,10 @@ class NumpyPotential:
 
     @classmethod
     def from_export(
-        cls, export: dict[str, Any] | PotentialExport, dtype: type = np.float64
+        cls, export: dict[str, Any] | ICNNPotential | PICNNPotential, dtype: type = np.float64
     ) -> NumpyPotential:
         """Build the evaluator from :meth:`ICNN.export` / :meth:`PICNN.export` output."""
-        model = export if isinstance(export, PotentialExport) else PotentialExport(**export)
-        return cls(model, dtype=dtype)
+        return cls(parse_potential(export), dtype=dtype)
 
     def _check(self, x: Any, context: Any) -> tuple[np.ndarray, np.ndarray | None]:
         arr = np.asarray(x, dtype=self.dtype)
@@ -402,7 +358,11 @@ class FittedMap:
     """
 
     def __init__(self, export: FittedMapExport | dict[str, Any], dtype: type = np.float64) -> None:
-        model = export if isinstance(export, FittedMapExport) else FittedMapExport(**export)
+        model = (
+            export
+            if isinstance(export, FittedMapExport)
+            else FittedMapExport.model_validate(export)
+        )
         self._export = model
         self.name = model.name
         self.potential = NumpyPotential(model.potential, dtype=dtype)
