@@ -8,7 +8,9 @@ target and the 20-bin shape chi2/ndf of D_bc, D_cl and D_hfl (kappa = 1) between
 
 Usage::
 
-    python benchmarks/bench_ilr_maps.py DIR b '{"steps": 2500, "patience": null}'
+    python benchmarks/bench_ilr_maps.py DIR b '{"steps": 2500, "patience": null}' [SEED]
+
+SEED (default 1) seeds the training (initial weights, validation split, batches).
 """
 
 from __future__ import annotations
@@ -41,22 +43,23 @@ def discriminant_chi2(moved: np.ndarray, target: np.ndarray) -> list[float]:
 
 
 def main() -> None:
-    """Fit and score one map (arguments: run folder, flavour label, JSON overrides)."""
+    """Fit and score one map (arguments: run folder, flavour label, JSON overrides, seed)."""
     torch.set_num_threads(1)
     run, flav = sys.argv[1], sys.argv[2]
     over = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     tgt = Targets.load(f"{run}/em/targets.npz").flavours[flav]
     settings = json.loads(Path(run, "pipeline.json").read_text())["ot"]["nominal"]
     settings.update(over)
     y, _, yw = tgt.target()
     start = time.perf_counter()
     fitted = fit_ot_map(tgt.source_x, y, source_weight=tgt.source_weight, target_weight=yw,
-                        config=OTConfig(**settings), progress=False, seed=1)
+                        config=OTConfig(**settings), progress=False, seed=seed)
     wall = time.perf_counter() - start
     moved = fitted.transport(tgt.source_x)
     chi2 = discriminant_chi2(moved, y)
     metrics = fitted.export()["metrics"]
-    print(f"| {flav} | {json.dumps(over)} | {wall:.1f} | {metrics['best_step']} | "
+    print(f"| {flav} | {json.dumps(over)} | {seed} | {wall:.1f} | {metrics['best_step']} | "
           f"{classifier_auc(moved, y, seed=1):.4f} | {chi2[0]} | {chi2[1]} | {chi2[2]} |")
 
 
