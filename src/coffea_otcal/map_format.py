@@ -41,35 +41,29 @@ def check_finite(value: Any, where: str) -> None:
         raise ValueError(msg)
 
 
-def _check_params(params: Mapping[str, Any], kind: str) -> None:
-    for key, value in params.items():
-        check_finite(value, f"{kind} parameter {key!r}")
+class _PotentialExport(_Model):
+    """Fields of an exported potential: constructor keywords and effective parameters."""
+
+    config: dict[str, Any] = Field(description="constructor keywords of the potential")
+    params: dict[str, Any] = Field(description="parameter name -> nested list of floats")
+
+    @model_validator(mode="after")
+    def _params_finite(self) -> _PotentialExport:
+        for key, value in self.params.items():
+            check_finite(value, f"{self.kind} parameter {key!r}")  # type: ignore[attr-defined]
+        return self
 
 
-class ICNNPotential(_Model):
+class ICNNPotential(_PotentialExport):
     """An exported input-convex network (``coffea_otcal.potentials.ICNN.export()``)."""
 
     kind: Literal["icnn"] = Field(description="potential family")
-    config: dict[str, Any] = Field(description="constructor keywords of the potential")
-    params: dict[str, Any] = Field(description="parameter name -> nested list of floats")
-
-    @model_validator(mode="after")
-    def _params_finite(self) -> ICNNPotential:
-        _check_params(self.params, self.kind)
-        return self
 
 
-class PICNNPotential(_Model):
+class PICNNPotential(_PotentialExport):
     """An exported partially input-convex network conditioned on the context variables."""
 
     kind: Literal["picnn"] = Field(description="potential family")
-    config: dict[str, Any] = Field(description="constructor keywords of the potential")
-    params: dict[str, Any] = Field(description="parameter name -> nested list of floats")
-
-    @model_validator(mode="after")
-    def _params_finite(self) -> PICNNPotential:
-        _check_params(self.params, self.kind)
-        return self
 
 
 Potential = Annotated[ICNNPotential | PICNNPotential, Field(discriminator="kind")]
