@@ -236,8 +236,8 @@ class Calibrator:
         """The numpy evaluator of one map (built once, then cached)."""
         key = (int(flavour), variation)
         if key not in self._maps:
-            export = self.bundle.get_map(*key).model_dump(mode="json")
-            self._maps[key] = FittedMap.from_export(export, dtype=self.dtype.type)
+            # the bundle's map model is the kernels' one: no dump and re-validation
+            self._maps[key] = FittedMap(self.bundle.get_map(*key), dtype=self.dtype.type)
         return self._maps[key]
 
     def _map_names(self, variations: Sequence[str] | None) -> list[str]:

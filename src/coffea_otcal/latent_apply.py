@@ -107,8 +107,7 @@ class LatentCalibrator:
         """The numpy evaluator of a flavour's nominal map (built once, then cached)."""
         code = int(flavour)
         if code not in self._maps:
-            export = self.bundle.get_map(code).model_dump(mode="json")
-            self._maps[code] = FittedMap.from_export(export, dtype=self.dtype.type)
+            self._maps[code] = FittedMap(self.bundle.get_map(code), dtype=self.dtype.type)
         return self._maps[code]
 
     # ----------------------------------------------------------------- array API
