@@ -36,6 +36,7 @@ from coffea_otcal.ot_prep import (
     set_affine,
     weighted_moments,
 )
+from coffea_otcal.ot_pretrain import blockwise_ot_targets, fit_gradient_regression
 from coffea_otcal.potentials import ICNN, PICNN, ICNNConfig, PICNNConfig, potential_from_export
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,38 @@ class _Trainer:
                 both = torch.cat([xs, ys])
                 ctx = None if cs is None or ct is None else torch.cat([cs, ct])
                 self._update(net, opt, identity_loss(net, both, ctx))
+
+    def pretrain_minibatch_ot(self) -> dict[str, Any]:
+        """Least squares of grad g on the barycentric targets of block OT plans (init='minibatch_ot')."""
+        cfg = self.cfg
+
+        def host(t: Tensor) -> np.ndarray:
+            return t.detach().cpu().double().numpy()
+
+        pairs = blockwise_ot_targets(
+            host(self.src.x), host(self.tgt.x),
+            x_context=None if self.src.c is None else host(self.src.c),
+            y_context=None if self.tgt.c is None else host(self.tgt.c),
+            x_weight=host(self.src.w), y_weight=host(self.tgt.w),
+            block=cfg.pretrain_block, max_rows=cfg.pretrain_rows,
+            context_cost=cfg.pretrain_context_cost,
+            rng=np.random.default_rng([self.seed, 7]), name=self.name,
+        )
+
+        def tensor(a: np.ndarray) -> Tensor:
+            return torch.as_tensor(a, dtype=self.src.x.dtype, device=self.device)
+
+        start = time.perf_counter()
+        loss = fit_gradient_regression(
+            self.g, tensor(pairs["x"]),
+            None if pairs["context"] is None else tensor(pairs["context"]),
+            tensor(pairs["target"]), tensor(pairs["weight"]),
+            steps=cfg.pretrain_steps, batch_size=cfg.batch_size, lr=cfg.pretrain_lr,
+            lr_final=cfg.pretrain_lr * 1e-2, grad_clip=cfg.grad_clip, generator=self.gen,
+        )
+        return {"rows": len(pairs["x"]), "blocks": pairs["blocks"],
+                "plan_seconds": pairs["seconds"], "regression_seconds": time.perf_counter() - start,
+                "regression_loss": loss}
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -428,14 +461,15 @@ def fit_ot_map(
         g = _build(cfg, dim, kdim, seed)
     g = g.to(**to)
     f = _build(cfg, dim, kdim, seed + 1).to(**to) if cfg.method == "minimax" else None
-    if init_from is None and cfg.init == "gaussian":
+    gaussian_start = init_from is None and cfg.init in ("gaussian", "minibatch_ot")
+    if gaussian_start:
         a_mat, b_vec = gaussian_w2_map(xs, wx, ys, wy)
         set_affine(g, a_mat, b_vec)
         if f is not None:  # f is the target-side potential: its gradient is the inverse map
             a_inv = np.linalg.inv(a_mat)
             set_affine(f, a_inv, -a_inv @ b_vec)
     trainer = _Trainer(cfg, src, tgt, g, f, dev, seed, name)
-    if init_from is None and cfg.init == "gaussian":  # conjugate of the Gaussian start
+    if gaussian_start:  # conjugate of the Gaussian start
         a_inv_t = torch.as_tensor(np.linalg.inv(a_mat), **to)
         b_t = torch.as_tensor(b_vec, **to)
         trainer.x_hat = (trainer.tgt.x - b_t) @ a_inv_t
@@ -447,6 +481,7 @@ def fit_ot_map(
     )
     start, start_cpu = time.perf_counter(), time.process_time()
     resumed_from = 0
+    pretrain: dict[str, Any] | None = None
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, map_location=dev, weights_only=False)
         if saved.get("fingerprint") != fingerprint:
@@ -460,6 +495,8 @@ def fit_ot_map(
         logger.info("map %r: resumed from %s at step %d", name, ckpt, trainer.step)
     elif init_from is None and cfg.init == "identity":
         trainer.pretrain_identity()
+    elif init_from is None and cfg.init == "minibatch_ot":
+        pretrain = trainer.pretrain_minibatch_ot()
     if trainer.step == 0:
         trainer.evaluate()
     trainer.last_good = trainer.state()
@@ -547,6 +584,7 @@ def fit_ot_map(
         "device": str(dev),
         "seed": seed,
         "diverged": diverged,
+        "pretrain": pretrain,
         "n_source": len(x),
         "n_target": len(y),
         "history": trainer.history,

@@ -31,12 +31,33 @@ class OTConfig(BaseModel):
     warmup_steps: int = Field(default=50, ge=0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     grad_clip: float = Field(default=10.0, gt=0.0, description="max gradient norm")
-    init: Literal["gaussian", "identity"] = Field(
+    init: Literal["gaussian", "identity", "minibatch_ot"] = Field(
         default="gaussian",
         description="'gaussian': start from the closed-form W2 map between Gaussian fits of "
-        "source and target (quadratic + linear terms); 'identity': identity pre-training",
+        "source and target (quadratic + linear terms); 'identity': identity pre-training; "
+        "'minibatch_ot': the Gaussian start, then least squares of grad g on the "
+        "barycentric targets of exact OT plans between blocks of rows (low dimensions; "
+        "docs/ot.md)",
     )
     identity_steps: int = Field(default=200, ge=0, description="identity pre-training steps")
+    pretrain_steps: int = Field(
+        default=8000, ge=0, description="minibatch_ot: least-squares steps on the block targets"
+    )
+    pretrain_block: int = Field(
+        default=2048, ge=2, description="minibatch_ot: rows per side of one exact OT problem"
+    )
+    pretrain_rows: int = Field(
+        default=200_000, ge=2, description="minibatch_ot: rows per side paired by block plans"
+    )
+    pretrain_lr: float = Field(
+        default=1e-2, gt=0.0, description="minibatch_ot: peak learning rate of the regression"
+    )
+    pretrain_context_cost: float = Field(
+        default=100.0,
+        ge=0.0,
+        description="minibatch_ot: weight of the (standardised) context distance in the "
+        "block cost, so that jets are paired within nearly equal contexts",
+    )
     conjugate_steps: int = Field(default=10, ge=1, description="max ascent steps per step")
     eval_conjugate_steps: int = Field(
         default=30, ge=1, description="ascent steps for held-out dual"
