@@ -82,6 +82,7 @@ def main() -> None:
             Path(args.save_map).write_text(json.dumps(fm.export()))
         row = {
             "dim": dim,
+            "seed": args.seed,
             "method": args.method,
             "uvp": uvp,
             "uvp_precise": uvp_precise,

@@ -54,6 +54,9 @@ def _tiny(raw: dict[str, Any]) -> dict[str, Any]:
         eval_every=15,
         patience=None,
         identity_steps=10,
+        pretrain_steps=10,
+        pretrain_block=64,
+        pretrain_rows=512,
         warmup_steps=5,
         hidden=[16, 16],
         batch_size=256,
@@ -145,6 +148,9 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
         assert nominal.name == f"{flav}/nominal"
         assert nominal.metrics["steps"] == 5  # variation_steps of _tiny
         assert bundle.provenance.metrics[f"{flav}/nominal/steps"] == 30  # the first stage
+        # the default minibatch-OT start of the first stage is recorded (pretrain_rows 512)
+        assert 64 < bundle.provenance.metrics[f"{flav}/nominal/pretrain_rows"] <= 512
+        assert bundle.provenance.metrics[f"{flav}/nominal/pretrain_blocks"] >= 2
         tgt = targets.flavours[flav]
         for direction in ("up", "down"):
             varied = by_key[(code, f"{var}_{direction}")]

@@ -182,6 +182,17 @@ def _same_weights(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
 
 
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One level of nested metrics (``pretrain``: the minibatch-OT start) as ``outer_inner``."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
                  progress: bool, truth: Any) -> dict[str, Any]:
     """Nominal and variation maps per flavour, assembled into ``bundle.json.gz``."""
@@ -259,7 +270,7 @@ def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     trained = train_maps(jobs + alt_jobs, config.ot.workers, device, progress)
     metrics = {f"{flav}/nominal/{key}": float(value)
                for flav, job in zip(targets.flavours, jobs, strict=True)
-               for key, value in (trained[job.key].get("metrics") or {}).items()
+               for key, value in _flat_metrics(trained[job.key].get("metrics") or {}).items()
                if isinstance(value, (int, float))}
     maps = {key: trained[aliases.get(key, key)] for key in published}
     if n_shared:
