@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -203,6 +204,9 @@ def skim_dir(files: list[Path], bundle_path: Path, out: Path, **kw) -> tuple[flo
 
 
 def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp: Path) -> None:
+    # the generator writes no cross-reference indices (Jet_muonIdx1, ...): NanoAODSchema
+    # warns once per chunk, which would bury the tables
+    warnings.filterwarnings("ignore", message="Missing cross-reference index")
     from coffea_otcal.generator import GeneratorConfig, generate
 
     sample = generate(GeneratorConfig(seed=2, scale=scale), tmp / "gen", progress=False)
