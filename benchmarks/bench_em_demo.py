@@ -1,7 +1,7 @@
 """EM on a demo run's control regions with changed settings, scored against the truth.
 
 Reads a finished ``coffea-otcal demo --out DIR`` run (its ``fill/store.parquet`` and
-``pipeline.json``), refits the EM with the run's settings updated by a JSON object
+``pipeline.yaml``), refits the EM with the run's settings updated by a JSON object
 (``EMConfig`` fields; ``"flow": {...}`` updates ``FlowConfig`` fields), and prints the
 EM wall time, the fitted fractions against the generator's truth, and per flavour the
 chi2/ndf between samples of the fitted flow and fresh true pseudo-data jets of that
@@ -27,7 +27,7 @@ from coffea_otcal import geometry
 from coffea_otcal.closure import discriminant_values, shape_chi2
 from coffea_otcal.em import fit_em
 from coffea_otcal.pipeline import PipelineConfig
-from coffea_otcal.run_cli import _truth, demo_generator_config
+from coffea_otcal.run_cli import _truth, demo_generator_config, read_run_configuration
 from coffea_otcal.stages import region_data
 from coffea_otcal.store import load_store
 
@@ -56,7 +56,7 @@ def main() -> None:
     """Refit and score (arguments: run folder, JSON EM overrides, optional seed)."""
     run = Path(sys.argv[1])
     over = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    raw = json.loads((run / "pipeline.json").read_text())
+    raw = read_run_configuration(run)
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else raw["seed"]
     flow_over = over.pop("flow", {})
     raw["em"].update(over)

@@ -2,7 +2,7 @@
 or side by side in threads (``fit_em(threads=...)``), and a check that both give the same fit.
 
 Reads the control regions of a finished run (``coffea-otcal demo --out DIR``): its
-``fill/store.parquet`` and ``pipeline.json`` (EM settings, seed). Runs on the CPU.
+``fill/store.parquet`` and ``pipeline.yaml`` (EM settings, seed). Runs on the CPU.
 
 Usage::
 
@@ -11,7 +11,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from coffea_otcal.em import fit_em
 from coffea_otcal.pipeline import PipelineConfig
+from coffea_otcal.run_cli import read_run_configuration
 from coffea_otcal.stages import region_data
 from coffea_otcal.store import load_store
 
@@ -29,7 +29,7 @@ def main() -> None:
     """Fit once per thread count; print wall times and whether the fits are identical."""
     run = Path(sys.argv[1])
     counts = [int(t) for t in sys.argv[2:]] or [1, 3]
-    config = PipelineConfig.model_validate(json.loads((run / "pipeline.json").read_text()))
+    config = PipelineConfig.model_validate(read_run_configuration(run))
     store = load_store(run / "fill" / "store.parquet")
     data = {r: region_data(config, store, r, True) for r in config.cr_names}
     mc = {r: region_data(config, store, r, False) for r in config.cr_names}

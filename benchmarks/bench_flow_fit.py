@@ -3,7 +3,7 @@
 Supervised (no EM): fresh pseudo-data jets of the demo generator (seed 1, as
 ``coffea-otcal demo``), read through the demo's adapter as the fill stage reads them
 (``run_cli._truth``), of one flavour, split 70/30; a one-flavour ``FlavourFlows`` is
-trained on the 70 % with the EM flow settings of a finished demo run (``DIR/pipeline.json``)
+trained on the 70 % with the EM flow settings of a finished demo run (``DIR/pipeline.yaml``)
 plus JSON overrides, and flow samples are compared with the held-out 30 %: 40-bin chi2/ndf on each ILR coordinate (range: 0.5-99.5 % quantiles of the
 held-out jets, under/overflow included) and 20-bin chi2/ndf of D_bc, D_cl, D_hfl
 (kappa = 1), plus the held-out NLL. This bounds what the EM can extract for that flavour.
@@ -35,7 +35,7 @@ from bench_em_demo import density_chi2  # benchmarks/ is on sys.path when run as
 from coffea_otcal import geometry
 from coffea_otcal.flows import FlavourFlows, FlowConfig, train_component
 from coffea_otcal.pipeline import PipelineConfig
-from coffea_otcal.run_cli import _truth, demo_generator_config
+from coffea_otcal.run_cli import _truth, demo_generator_config, read_run_configuration
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(1)
     run, flav = Path(sys.argv[1]), sys.argv[2]
     over = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    config = PipelineConfig.model_validate(json.loads((run / "pipeline.json").read_text()))
+    config = PipelineConfig.model_validate(read_run_configuration(run))
     code = config.em.flavour_codes[config.em.classes.index(flav)]
     sample = SimpleNamespace(config=demo_generator_config(seed=1))
     x = geometry.ilr(_truth(sample, seed=7, n=int(over.pop("jets", 60_000)))["per_flavour"][code][

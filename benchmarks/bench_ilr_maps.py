@@ -2,7 +2,7 @@
 
 Reads a finished pipeline run (``coffea-otcal demo --out DIR`` or ``coffea-otcal run``):
 the flavour's MC source and its nominal EM target (``DIR/em/targets.npz``) and the
-nominal OT settings of the run (``DIR/pipeline.json``), overrides some of them, fits the
+nominal OT settings of the run (``DIR/pipeline.yaml``), overrides some of them, fits the
 map on one CPU thread and prints the held-out classifier AUC of transported source vs
 target and the 20-bin shape chi2/ndf of D_bc, D_cl and D_hfl (kappa = 1) between them.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ import torch
 from coffea_otcal import geometry
 from coffea_otcal.closure import classifier_auc, discriminant_values, shape_chi2
 from coffea_otcal.ot import OTConfig, fit_ot_map
+from coffea_otcal.run_cli import read_run_configuration
 from coffea_otcal.variations import Targets
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     over = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     tgt = Targets.load(f"{run}/em/targets.npz").flavours[flav]
-    settings = json.loads(Path(run, "pipeline.json").read_text())["ot"]["nominal"]
+    settings = read_run_configuration(run)["ot"]["nominal"]
     settings.update(over)
     y, _, yw = tgt.target()
     start = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from bench_ilr_maps import discriminant_chi2
 
 from coffea_otcal.closure import classifier_auc
 from coffea_otcal.ot import OTConfig, fit_ot_map
+from coffea_otcal.run_cli import read_run_configuration
 from coffea_otcal.variations import Targets
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     run, flav, alpha = sys.argv[1], sys.argv[2], float(sys.argv[3])
     over = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     tgt = Targets.load(f"{run}/em/targets.npz").flavours[flav]
-    settings = json.loads(Path(run, "pipeline.json").read_text())["ot"]["nominal"]
+    settings = read_run_configuration(run)["ot"]["nominal"]
     settings.update(over)
     x = tgt.source_x.astype(np.float64)
     y, _, yw = tgt.target()

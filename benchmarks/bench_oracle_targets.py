@@ -28,7 +28,12 @@ import numpy as np
 
 from coffea_otcal import geometry
 from coffea_otcal.pipeline import load_pipeline_config, run_pipeline
-from coffea_otcal.run_cli import _truth, demo_generator_config
+from coffea_otcal.run_cli import (
+    _truth,
+    demo_generator_config,
+    read_run_configuration,
+    write_pipeline_config,
+)
 from coffea_otcal.variations import Targets
 
 
@@ -39,10 +44,9 @@ def main() -> None:
     if out.exists():
         msg = f"{out} exists; give a new folder"
         raise SystemExit(msg)
-    cfg_file = run / "pipeline.yaml" if (run / "pipeline.yaml").exists() else run / "pipeline.json"
-    config = load_pipeline_config(cfg_file)
+    config = load_pipeline_config(read_run_configuration(run))
     out.mkdir(parents=True)
-    shutil.copy(cfg_file, out / cfg_file.name)
+    write_pipeline_config(config, out / "pipeline.yaml")
     for stage in ("fill", "em"):
         shutil.copytree(run / stage, out / stage)
     gen = SimpleNamespace(config=demo_generator_config(seed=1))

@@ -2,7 +2,7 @@
 
 Reads a finished pipeline run (``coffea-otcal demo --out DIR``): the flavour's MC source and
 nominal EM target (``DIR/em/targets.npz``), the EM flows (``DIR/em/em_result.npz``) and the
-nominal OT settings (``DIR/pipeline.json``), overridden by the JSON argument. It fits the map
+nominal OT settings (``DIR/pipeline.yaml``), overridden by the JSON argument. It fits the map
 on one CPU thread, keeps the potential at every evaluation (the parameter average with
 ``ema_decay``: what would be returned), and prints per evaluation: step,
 held-out dual (what ``selection="dual"`` ranks by), the 20-bin shape chi2/ndf of D_bc, D_cl,
@@ -28,6 +28,7 @@ from coffea_otcal.closure import classifier_auc
 from coffea_otcal.em_result import EMResult
 from coffea_otcal.kernels import FittedMap
 from coffea_otcal.potentials import potential_from_export
+from coffea_otcal.run_cli import read_run_configuration
 from coffea_otcal.variations import Targets
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,7 +53,7 @@ def main():
     x = tgt.source_x
     y, _, yw = tgt.target()
     fresh = flows.sample(flav, n=len(x), seed=99)
-    settings = json.loads(Path(run, "pipeline.json").read_text())["ot"]["nominal"]
+    settings = read_run_configuration(run)["ot"]["nominal"]
     settings.update(over)
     fitted = ot_module.fit_ot_map(x, y, source_weight=tgt.source_weight, target_weight=yw,
                                   config=ot_module.OTConfig(**settings), progress=False, seed=1)

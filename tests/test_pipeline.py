@@ -29,7 +29,7 @@ from coffea_otcal.pipeline import (
     run_pipeline,
 )
 from coffea_otcal.report import detect_mantissa_bits
-from coffea_otcal.run_cli import _truth, demo_config
+from coffea_otcal.run_cli import _truth, demo_config, write_pipeline_config
 from coffea_otcal.store import load_store
 from coffea_otcal.variations import Targets
 
@@ -472,6 +472,13 @@ def _fill_section(sample: GeneratedSample, **changes: Any) -> dict[str, Any]:
     }
     fill.update(changes)
     return fill
+
+
+def test_written_configuration_reads_back_identical(config: PipelineConfig, tmp_path: Path) -> None:
+    """The demo's pipeline.yaml is a configuration `coffea-otcal run` reads back unchanged."""
+    path = write_pipeline_config(config, tmp_path / "pipeline.yaml")
+    assert path.read_text().startswith("# coffea-otcal pipeline configuration")
+    assert load_pipeline_config(path) == config
 
 
 def test_config_defaults_and_relative_paths(sample: GeneratedSample, tmp_path: Path) -> None:

@@ -160,8 +160,43 @@ def run_demo(out: Path, scale: float = 1.0, seed: int = 1, progress: bool = True
     except (FileNotFoundError, ValueError):
         sample = generate(gen_cfg, sample_dir, progress=progress)
     config = demo_config(sample, seed)
-    (out / "pipeline.json").write_text(json.dumps(json.loads(config.model_dump_json()), indent=1))
+    write_pipeline_config(config, out / "pipeline.yaml")
     return run_pipeline(config, out, progress=progress, truth=_truth(sample, seed))
+
+
+def read_run_configuration(run: str | Path) -> dict[str, Any]:
+    """The configuration mapping of a finished ``coffea-otcal demo`` / ``run`` folder.
+
+    Reads ``RUN/pipeline.yaml`` (written by the demo, or the file a ``run`` was given if it
+    was copied there) or, from demo folders written before session 11, ``RUN/pipeline.json``.
+    """
+    from coffea_otcal.config import read_config_file
+
+    run = Path(run)
+    if (run / "pipeline.yaml").is_file():
+        return read_config_file(run / "pipeline.yaml", "pipeline configuration")
+    if (run / "pipeline.json").is_file():
+        return dict(json.loads((run / "pipeline.json").read_text()))
+    msg = f"{run} holds no pipeline.yaml (nor pipeline.json): not a coffea-otcal demo folder"
+    raise FileNotFoundError(msg)
+
+
+def write_pipeline_config(config: PipelineConfig, path: Path) -> Path:
+    """Write ``config`` as a YAML file that ``coffea-otcal run`` / :func:`load_pipeline_config` read back.
+
+    Every setting is written out (defaults included), so the file records the run exactly
+    and reruns it: ``coffea-otcal run DIR/pipeline.yaml -o DIR`` reuses every cached stage.
+    """
+    import yaml
+
+    from coffea_otcal.atomic import atomic_write_text
+
+    header = (
+        "# coffea-otcal pipeline configuration, every setting written out.\n"
+        f"# rerun or change a setting and run: coffea-otcal run {path.name} -o <folder>\n"
+    )
+    body = yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+    return atomic_write_text(path, header + body)
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
