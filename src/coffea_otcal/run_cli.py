@@ -167,8 +167,8 @@ def run_demo(out: Path, scale: float = 1.0, seed: int = 1, progress: bool = True
 def read_run_configuration(run: str | Path) -> dict[str, Any]:
     """The configuration mapping of a finished ``coffea-otcal demo`` / ``run`` folder.
 
-    Reads ``RUN/pipeline.yaml`` (written by the demo, or the file a ``run`` was given if it
-    was copied there) or, from demo folders written before session 11, ``RUN/pipeline.json``.
+    Reads ``RUN/pipeline.yaml`` (the demo writes it; for a ``run``, copy its configuration
+    there) or ``RUN/pipeline.json``, which older versions of the demo wrote.
     """
     from coffea_otcal.config import read_config_file
 
