@@ -183,14 +183,9 @@ def _same_weights(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """One level of nested metrics (``pretrain``: the minibatch-OT start) as ``outer_inner``."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}_{inner}": v for inner, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
+    """A map's metrics with those of its minibatch-OT start (``pretrain``) as ``pretrain_<key>``."""
+    pretrain = metrics.get("pretrain") or {}
+    return {**metrics, **{f"pretrain_{key}": value for key, value in pretrain.items()}}
 
 
 def run_ot_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageResult],
