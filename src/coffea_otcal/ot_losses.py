@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "conjugate_dual_loss",
+    "gradient_regression_loss",
     "held_out_dual",
     "identity_loss",
     "minimax_f_loss",
@@ -169,9 +170,16 @@ def minimax_f_loss(
     return weighted_mean(f(y, y_context), y_weight) - weighted_mean(f(t, x_context), x_weight)
 
 
+def gradient_regression_loss(
+    g: Potential, x: Tensor, context: Tensor | None, target: Tensor, weights: Tensor | None
+) -> Tensor:
+    r"""Least squares :math:`E_w\|\nabla g(x \mid c) - \bar y\|^2` of the map on given targets."""
+    return weighted_mean(((g.grad_x(x, context) - target) ** 2).sum(-1), weights)
+
+
 def identity_loss(g: Potential, x: Tensor, context: Tensor | None) -> Tensor:
     r"""Identity pre-training :math:`E\|\nabla g(x) - x\|^2` (Makkuva et al. 2020, Sec. 4)."""
-    return ((g.grad_x(x, context) - x) ** 2).sum(-1).mean()
+    return gradient_regression_loss(g, x, context, x, None)
 
 
 @torch.no_grad()

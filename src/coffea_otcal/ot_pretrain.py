@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from coffea_otcal.ot_losses import gradient_regression_loss
+
 
 def blockwise_ot_targets(
     x: np.ndarray,
@@ -142,8 +144,7 @@ def fit_gradient_regression(
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator,
                             device=x.device)
         ctx = None if context is None else context[idx]
-        resid = g.grad_x(x[idx], ctx) - target[idx]
-        loss = (weight[idx] * (resid**2).sum(-1)).mean()
+        loss = gradient_regression_loss(g, x[idx], ctx, target[idx], weight[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(g.parameters(), grad_clip)
