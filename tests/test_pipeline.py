@@ -186,13 +186,15 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
         "mean_chi2_ndf_after",
         "min_p_value_after",
         "band_coverage",
+        "band_coverage_90",
         "rho_baseline",
         "mean_aitchison_displacement",
         "stage_seconds",
     ):
         assert key in summary, key
-    for key in ("auc_before", "auc_after", "auc_baseline", "band_coverage"):
+    for key in ("auc_before", "auc_after", "auc_baseline", "band_coverage", "band_coverage_90"):
         assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["band_coverage_90"] >= summary["band_coverage"]
     assert 0.0 < summary["rho_baseline"] <= 1.0
     assert summary["mean_chi2_ndf_before"] > 0
     assert summary["mean_chi2_ndf_after"] > 0
@@ -219,6 +221,8 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     inside = sum(h["band_coverage"][0] for h in hists.values())
     used = sum(h["band_coverage"][1] for h in hists.values())
     assert summary["band_coverage"] == pytest.approx(inside / used)
+    inside90 = sum(h["band_coverage_90"][0] for h in hists.values())
+    assert summary["band_coverage_90"] == pytest.approx(inside90 / used)
     # the baseline at equal statistics: its MC variance shrunk by rho < 1, so each chi2 grows
     rho = report["regions"]["vr"]["rho"]["baseline"]
     assert rho < 1.0

@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from coffea_otcal import geometry
 from coffea_otcal.adapters import get_adapter
+from coffea_otcal.closure import variation_band
 from coffea_otcal.latent_tagger import quantise_mantissa
 from coffea_otcal.report import (
     band_coverage,
@@ -53,18 +54,39 @@ def test_band_coverage_by_hand() -> None:
     # unit-area shapes: data (0.2, 0.3, 0.5, 0), nominal (0.3, 0.3, 0.4, 0)
     data = (np.array([20.0, 30.0, 50.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0]))
     nominal = (np.array([30.0, 30.0, 40.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0]))
-    # sigma per bin = sqrt(1/100^2 + 1/100^2) = 0.01414
-    variation = np.array([25.0, 30.0, 45.0, 0.0])  # shape (0.25, 0.3, 0.45, 0)
-    # bin 0: envelope [0.25, 0.30] +- 0.014 misses 0.2; bin 1: inside; bin 2: [0.4, 0.45]
-    # +- 0.014 misses 0.5; bin 3 is empty in both and not counted
-    assert band_coverage(data, nominal, [variation]) == (1, 3)
-    wide = np.array([18.0, 30.0, 52.0, 0.0])  # widens the envelope over bins 0 and 2
-    assert band_coverage(data, nominal, [variation, wide]) == (3, 3)
+    # sigma^2 per bin = 1/100^2 + 1/100^2 = 2e-4 (sigma 0.01414)
+    up = np.array([25.0, 30.0, 45.0, 0.0])  # shape (0.25, 0.3, 0.45, 0)
+    down = np.array([35.0, 30.0, 35.0, 0.0])  # shape (0.35, 0.3, 0.35, 0)
+    # bin 0: residual -0.1, downward band 0.05: sqrt(0.05^2 + 2e-4) = 0.052 < 0.1: outside;
+    # bin 1: residual 0: inside; bin 2: +0.1 vs upward 0.052: outside; bin 3 empty, not counted
+    one = {"v_up": up, "v_down": down}
+    assert band_coverage(data, nominal, one) == (1, 3)
+    # a second independent source of the same size: sqrt(2 * 0.05^2 + 2e-4) = 0.0728 < 0.1
+    two = {**one, "w_up": up, "w_down": down}
+    assert band_coverage(data, nominal, two) == (1, 3)
+    # four sources: sqrt(4 * 0.05^2 + 2e-4) = 0.1020 > 0.1: every bin inside (an envelope
+    # of the same four shapes would stay at 0.05 + stat and miss bins 0 and 2)
+    four = {**two, "x_up": up, "x_down": down, "y_up": up, "y_down": down}
+    assert band_coverage(data, nominal, four) == (3, 3)
+    # at the 90 % interval (z = 1.645) two sources suffice: 1.645 * 0.0728 = 0.120 > 0.1
+    assert band_coverage(data, nominal, two, z=1.645) == (3, 3)
     # without variations only the statistical error counts
-    assert band_coverage(data, nominal, []) == (1, 3)
+    assert band_coverage(data, nominal, {}) == (1, 3)
     # large statistical errors cover everything
     loud = (data[0], np.array([400.0, 400.0, 400.0, 0.0]))
-    assert band_coverage(loud, nominal, []) == (3, 3)
+    assert band_coverage(loud, nominal, {}) == (3, 3)
+
+
+def test_band_sides_are_kept_apart() -> None:
+    # a one-sided source (up and down both raise bin 0) gives no downward band there
+    nominal = np.array([0.5, 0.5])
+    down, up = variation_band(nominal, {"s_up": np.array([0.6, 0.4]), "s_down": np.array([0.55, 0.45])})
+    np.testing.assert_allclose(up, [0.1, 0.0])
+    np.testing.assert_allclose(down, [0.0, 0.1])
+    # an unpaired name is a source of its own; sources add in quadrature
+    down, up = variation_band(nominal, {"s_up": np.array([0.6, 0.4]), "t": np.array([0.7, 0.3])})
+    np.testing.assert_allclose(up, [np.hypot(0.1, 0.2), 0.0])
+    np.testing.assert_allclose(down, [0.0, np.hypot(0.1, 0.2)])
 
 
 def test_band_coverage_is_normalisation_free() -> None:
@@ -72,7 +94,32 @@ def test_band_coverage_is_normalisation_free() -> None:
     nominal = (np.array([3.0, 3.0, 4.0]), np.array([0.1, 0.1, 0.1]))
     variation = np.array([2.6, 3.0, 4.4])
     scaled = (nominal[0] * 10, nominal[1] * 100)  # weights x 10: variances x 100
-    assert band_coverage(data, nominal, [variation]) == band_coverage(data, scaled, [variation * 7])
+    assert band_coverage(data, nominal, {"v_up": variation}) == band_coverage(
+        data, scaled, {"v_up": variation * 7}
+    )
+
+
+def test_perfect_calibration_covers_68_and_90_percent() -> None:
+    # data and MC drawn from the same shape: the one-sigma coverage is P(|z| < 1) = 68.3 %,
+    # the 90 % interval covers 90 % (the scale of docs/methods.md), up to the normalisation:
+    # a unit-area fraction varies by p (1 - p) / N, the Poisson error says p / N, so bin i is
+    # covered with P(|z| < z0 / sqrt(1 - p_i)) (a little more)
+    from scipy import stats
+
+    rng = np.random.default_rng(11)
+    shape = rng.dirichlet(np.full(20, 5.0))
+    inside = inside90 = used = 0
+    for _ in range(2000):
+        d = rng.multinomial(30000, shape).astype(float)
+        n = rng.multinomial(30000, shape).astype(float)
+        i, u = band_coverage((d, d), (n, n), {})
+        i90, _ = band_coverage((d, d), (n, n), {}, z=1.6449)
+        inside, inside90, used = inside + i, inside90 + i90, used + u
+    expected = {z0: np.mean(2 * stats.norm.cdf(z0 / np.sqrt(1 - shape)) - 1) for z0 in (1, 1.6449)}
+    assert 0.683 < expected[1] < 0.70
+    assert 0.90 < expected[1.6449] < 0.915
+    assert inside / used == pytest.approx(expected[1], abs=0.007)  # 3 sigma of 40000 bins
+    assert inside90 / used == pytest.approx(expected[1.6449], abs=0.0045)
 
 
 histograms = hnp.arrays(np.float64, 12, elements=st.floats(0.0, 1e4))
@@ -84,15 +131,23 @@ def test_band_coverage_properties(
     d: np.ndarray, n: np.ndarray, variations: list[np.ndarray], extra: np.ndarray
 ) -> None:
     d, n = d + 1.0, n + 1.0  # every bin filled, sums positive
-    variations = [v + 1.0 for v in variations]
-    inside, used = band_coverage((d, d), (n, n), variations)
+    named = {f"v{i}_up": v + 1.0 for i, v in enumerate(variations)}
+    inside, used = band_coverage((d, d), (n, n), named)
     assert used == 12
     assert 0 <= inside <= used
-    # another variation only widens the envelope
-    more, _ = band_coverage((d, d), (n, n), [*variations, extra + 1.0])
+    # another source only widens the band; a wider interval only covers more
+    more, _ = band_coverage((d, d), (n, n), {**named, "extra_up": extra + 1.0})
     assert more >= inside
+    assert band_coverage((d, d), (n, n), named, z=1.645)[0] >= inside
     # the data as the nominal are inside in every bin
-    assert band_coverage((d, d), (d, d), variations) == (12, 12)
+    assert band_coverage((d, d), (d, d), named) == (12, 12)
+    # the band is never narrower than the largest single shift (the envelope)
+    nf = n / n.sum()
+    shapes = {k: v / v.sum() for k, v in named.items()}
+    down, up = variation_band(nf, shapes)
+    for v in shapes.values():
+        assert np.all(up >= v - nf - 1e-15)
+        assert np.all(down >= nf - v - 1e-15)
 
 
 # ----------------------------------------------------------------------------- mantissa

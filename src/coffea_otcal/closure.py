@@ -21,6 +21,7 @@ __all__ = [
     "mean_aitchison_displacement",
     "shape_chi2",
     "summarize_chi2",
+    "variation_band",
     "weighted_auc",
 ]
 
@@ -92,6 +93,40 @@ class Chi2Result:
     def to_dict(self) -> dict[str, float]:
         """JSON-friendly view."""
         return {**asdict(self), "chi2_ndf": self.chi2_ndf}
+
+
+def variation_band(
+    nominal: np.ndarray, variations: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""One-sigma band of a histogram shape from up/down variations, summed in quadrature.
+
+    The EM variations are the eigen-directions of the effective covariance (Kim & Yang
+    eq. 57 and 61; their :math:`\delta a\,\delta a^T` sum back to :math:`V_{eff}`), so each
+    is an independent one-sigma component and the band propagated from the covariance is
+    the quadrature sum of the per-direction shifts, not their envelope (which is only the
+    largest single shift). The sum is taken per side, as HEP analyses combine asymmetric
+    sources: for each source the upward shift of a bin is
+    :math:`\max(u - n, d - n, 0)` and the downward one :math:`\max(n - u, n - d, 0)`.
+
+    Arguments:
+        nominal: the nominal shape (any normalisation, the variations in the same units).
+        variations: shape per map name; ``<v>_up`` / ``<v>_down`` are paired into source
+            ``<v>``, any other name is a source of its own.
+
+    Returns:
+        ``(down, up)``: non-negative half-widths below and above the nominal per bin.
+    """
+    n = np.asarray(nominal, dtype=np.float64)
+    sources: dict[str, list[np.ndarray]] = {}
+    for name, shape in variations.items():
+        base = name.removesuffix("_up").removesuffix("_down")
+        sources.setdefault(base, []).append(np.asarray(shape, dtype=np.float64) - n)
+    up2, down2 = np.zeros_like(n), np.zeros_like(n)
+    for shifts in sources.values():
+        s = np.stack(shifts)
+        up2 += np.maximum(s.max(axis=0), 0.0) ** 2
+        down2 += np.maximum(-s.min(axis=0), 0.0) ** 2
+    return np.sqrt(down2), np.sqrt(up2)
 
 
 def shape_chi2(

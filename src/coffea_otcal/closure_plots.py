@@ -18,7 +18,7 @@ import numpy as np
 
 from coffea_otcal import geometry
 from coffea_otcal.atomic import atomic_path
-from coffea_otcal.closure import discriminant_values
+from coffea_otcal.closure import discriminant_values, variation_band
 
 
 @contextlib.contextmanager
@@ -88,7 +88,9 @@ def plot_discriminant_closure(
         mc_before: MC probabilities and weights before calibration.
         mc_after: the same MC jets after the nominal calibration (same weights).
         variations: calibrated MC probabilities per variation name (same jets and weights
-            as ``mc_after``); the band is the per-bin envelope around the nominal.
+            as ``mc_after``); the band is their quadrature sum per side around the nominal
+            (:func:`coffea_otcal.closure.variation_band`, the covariance-propagated one-sigma
+            band of independent eigen-directions).
         bins: regular bins on [0, 1].
         experiment: ``"CMS"``, ``"ATLAS"`` or None.
         text: label text.
@@ -103,10 +105,10 @@ def plot_discriminant_closure(
     h_data, e_data = _normalised(discriminant_values(data[0], name, kappa), data[1], edges)
     h_before, _ = _normalised(discriminant_values(mc_before[0], name, kappa), mc_before[1], edges)
     h_after, e_after = _normalised(discriminant_values(mc_after[0], name, kappa), mc_after[1], edges)
-    band_lo, band_hi = h_after.copy(), h_after.copy()
-    for probs in (variations or {}).values():
-        h_var, _ = _normalised(discriminant_values(probs, name, kappa), mc_after[1], edges)
-        band_lo, band_hi = np.minimum(band_lo, h_var), np.maximum(band_hi, h_var)
+    shapes = {v: _normalised(discriminant_values(p, name, kappa), mc_after[1], edges)[0]
+              for v, p in (variations or {}).items()}
+    down, up = variation_band(h_after, shapes)
+    band_lo, band_hi = h_after - down, h_after + up
     with style_context(experiment) as plt:
         import mplhep
 
@@ -121,7 +123,7 @@ def plot_discriminant_closure(
             mplhep.histplot(h_x, edges, ax=ax, label=label, color="tab:green", ls=":")
         if variations:
             ax.stairs(band_hi, edges, baseline=band_lo, fill=True, alpha=0.3, color="tab:red",
-                      label="variations (envelope)")
+                      label="variations (quadrature sum)")
         ax.errorbar(centres, h_data, yerr=e_data, fmt="o", color="black", ms=4, label="data")
         ax.set_ylabel("fraction of jets")
         ax.set_yscale("log")

@@ -42,10 +42,12 @@ def _print_result(result: Any) -> None:
         summary = result.stages["closure"].summary
         lines.append(
             "validation: AUC(MC vs data) {:.3f} -> {:.3f}; mean chi2/ndf {:.2f} -> {:.2f}; "
-            "min p {:.3g}; band coverage {:.0f} %".format(
+            "min p {:.3g}; data inside the band (+) stat: {:.0f} % at one sigma, {} at 90 %".format(
                 summary["auc_before"], summary["auc_after"], summary["mean_chi2_ndf_before"],
                 summary["mean_chi2_ndf_after"], summary["min_p_value_after"],
                 100 * summary["band_coverage"],
+                # reports written before session 12 have no 90 % coverage
+                f"{100 * summary['band_coverage_90']:.0f} %" if "band_coverage_90" in summary else "n/a",
             )
         )
     sys.stdout.write("\n".join(lines) + "\n")
