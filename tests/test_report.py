@@ -77,6 +77,14 @@ def test_band_coverage_by_hand() -> None:
     assert band_coverage(loud, nominal, {}) == (3, 3)
 
 
+def test_band_coverage_rejects_empty_histograms() -> None:
+    h = (np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="em_prior_1_up"):
+        band_coverage(h, h, {"em_prior_1_up": np.array([1.0, -1.0])})
+    with pytest.raises(ValueError, match="nominal"):
+        band_coverage(h, (np.zeros(2), np.zeros(2)), {})
+
+
 def test_band_sides_are_kept_apart() -> None:
     # a one-sided source (up and down both raise bin 0) gives no downward band there
     nominal = np.array([0.5, 0.5])

@@ -74,6 +74,11 @@ def band_coverage(
     from coffea_otcal.closure import variation_band
 
     (d, dv), (n, nv) = data, nominal
+    sums = {"data": d.sum(), "nominal": n.sum(), **{k: v.sum() for k, v in variations.items()}}
+    empty = {k: float(v) for k, v in sums.items() if not v > 0}
+    if empty:
+        msg = f"band coverage needs histograms with a positive sum of weights; got {empty}"
+        raise ValueError(msg)
     d_frac, n_frac = d / d.sum(), n / n.sum()
     down, up = variation_band(n_frac, {k: v / v.sum() for k, v in variations.items()})
     sigma2 = dv / d.sum() ** 2 + nv / n.sum() ** 2
