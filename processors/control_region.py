@@ -110,7 +110,7 @@ class ControlRegionSchema(NanoAODSchema):
             incomplete = any(q not in fields and q not in self.full_like_items for q in quartet)
             if f"n{name}" in fields and mixin != "NanoCollection" and incomplete:
                 mixins[name] = "NanoCollection"
-        self.mixins = mixins
+        self.mixins: dict[str, str] = mixins
         super().__init__(base_form, *args, **kwargs)
 
 
@@ -215,7 +215,11 @@ class SelectionExpression:
                 left = right
             return out
         if isinstance(node, ast.Call):
-            return _FUNCTIONS[node.func.id](*(self._eval(a, env) for a in node.args))  # type: ignore[union-attr]
+            func = node.func
+            if not isinstance(func, ast.Name):  # refused by _check: unreachable
+                what = f"calls only {sorted(_FUNCTIONS)}, got {ast.unparse(func)!r}"
+                raise self._fail(what)
+            return _FUNCTIONS[func.id](*(self._eval(a, env) for a in node.args))
         if isinstance(node, ast.Name):
             return env[node.id]
         return node.value  # type: ignore[attr-defined]
@@ -445,7 +449,7 @@ class ControlRegionProcessor(processor.ProcessorABC):
         if isinstance(spec.selection, str):
             expr = self._expressions[region]
             env = {
-                name: flat.get(name) if name in flat else self._field(jets, name, where, "jet")
+                name: flat[name] if name in flat else self._field(jets, name, where, "jet")
                 for name in expr.names
             }
             return expr(env) if env else expr({"_n": np.zeros(n)})

@@ -9,6 +9,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 #: sub-command -> (module that implements it, one-line help).  Each module defines
 #: ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when its
@@ -26,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object | None]:
+def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     parser = argparse.ArgumentParser(
         prog="coffea-otcal",
         description="Optimal-transport calibration of jet-tagger outputs.",

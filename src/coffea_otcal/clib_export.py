@@ -335,7 +335,7 @@ def _multilinear_coefficients(
     return out.reshape((*out.shape[:ndim], 2 ** len(axes)))
 
 
-def _edges(values: Sequence[float]) -> list[float] | cs.UniformBinning:
+def _edges(values: Sequence[float] | np.ndarray) -> list[float] | cs.UniformBinning:
     """Uniform edges become a ``UniformBinning`` (a faster lookup than a bisection)."""
     arr = np.asarray(values, dtype=np.float64)
     step = np.diff(arr)

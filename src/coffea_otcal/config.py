@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["ConfigError", "read_config_file", "validate_model"]
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration is malformed; the message lists every problem with its key."""
 
 
-def read_config_file(path: str | Path, what: str = "configuration") -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike[str], what: str = "configuration") -> dict[str, Any]:
     """Parse a ``.yaml`` / ``.yml`` / ``.toml`` file whose top level is a mapping.
 
     Arguments:

@@ -142,13 +142,15 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     from coffea_otcal.processors.control_region import SelectionExpression
 
     problems = []
-    datasets = raw.get("datasets") if isinstance(raw.get("datasets"), Mapping) else {}
-    regions = raw.get("regions") if isinstance(raw.get("regions"), Mapping) else {}
+    datasets_value, regions_value = raw.get("datasets"), raw.get("regions")
+    datasets: Mapping[str, Any] = datasets_value if isinstance(datasets_value, Mapping) else {}
+    regions: Mapping[str, Any] = regions_value if isinstance(regions_value, Mapping) else {}
     used: set[str] = set()
     for name, region in regions.items():
         if not isinstance(region, Mapping):
             continue
-        names = region.get("datasets") if isinstance(region.get("datasets"), list) else []
+        names_value = region.get("datasets")
+        names: list[Any] = names_value if isinstance(names_value, list) else []
         used.update(map(str, names))
         unknown = [d for d in names if d not in datasets]
         if unknown and datasets:
@@ -167,7 +169,8 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     )
     adapter = raw.get("adapter")
     if isinstance(adapter, Mapping) and isinstance(adapter.get("name"), str):
-        options = adapter.get("options") if isinstance(adapter.get("options"), Mapping) else {}
+        options_value = adapter.get("options")
+        options: Mapping[str, Any] = options_value if isinstance(options_value, Mapping) else {}
         try:
             built = get_adapter(adapter["name"], **options)
         except (ValueError, TypeError) as err:
@@ -369,10 +372,17 @@ def _executor(cfg: ExecutorConfig, progress: bool) -> Iterator[Any]:
     if cfg.kind == "iterative":
         yield processor.IterativeExecutor(status=progress, retries=cfg.retries)
     elif cfg.kind == "futures":
+        from concurrent.futures import Executor
+
+        pool: type[Executor]
         if cfg.pool == "threads":
-            from concurrent.futures import ThreadPoolExecutor as pool
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor
         else:
-            from loky import ProcessPoolExecutor as pool
+            from loky import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor
         yield processor.FuturesExecutor(
             workers=cfg.workers, pool=pool, status=progress, retries=cfg.retries
         )
@@ -398,7 +408,7 @@ def _executor(cfg: ExecutorConfig, progress: bool) -> Iterator[Any]:
 def _first_error(err: BaseException) -> BaseException:
     from coffea_otcal.processors.control_region import BadInputError
 
-    seen = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, BadInputError):
             return seen
@@ -561,11 +571,11 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
         seed=config.seed,
         writer_info=writer_info(),
     )
-    path = write_store(config.output, out["jets"], metadata)
+    store_path = write_store(config.output, out["jets"], metadata)
     n_jets = sum(len(a["valid"]) for per in out["jets"].values() for a in per.values())
     for p in problems:
         logger.warning("skipped bad input [%s]: %s", p.dataset, p.reason)
-    return FillReport(path, cutflow, problems, n_jets, time.perf_counter() - start)
+    return FillReport(store_path, cutflow, problems, n_jets, time.perf_counter() - start)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -442,7 +442,7 @@ def train_components(
     weights: Sequence[np.ndarray],
     steps: int,
     optimizers: Sequence[torch.optim.Optimizer],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | np.ndarray,
     threads: int | None = None,
     on_done: Callable[[int], None] | None = None,
     final_lr: float | None = None,

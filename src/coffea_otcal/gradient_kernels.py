@@ -256,6 +256,7 @@ class FeatureMajorGradient:
             gz = gzs[i - 1]
             e_new = ws.get(f"e{i % 2}", gz.shape[0], b, dt)
             if e is None:
+                assert self.wz_last is not None  # set whenever there is more than one layer
                 np.multiply(self.wz_last, gz, out=e_new)
             else:
                 np.matmul(p[f"Wz{i}"], e, out=e_new)

@@ -11,7 +11,7 @@ __all__ = [
     "Preprocessing",
 ]
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -357,7 +357,9 @@ class FittedMap:
         dtype: float precision of the numpy evaluation.
     """
 
-    def __init__(self, export: FittedMapExport | dict[str, Any], dtype: type = np.float64) -> None:
+    def __init__(
+        self, export: FittedMapExport | Mapping[str, Any], dtype: type = np.float64
+    ) -> None:
         model = (
             export
             if isinstance(export, FittedMapExport)

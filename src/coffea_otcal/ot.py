@@ -572,7 +572,7 @@ def fit_ot_map(
         g.load_state_dict(best_states[0])
     else:  # the annealed final state, evaluated at the last step (or at an early stop)
         g.load_state_dict(trainer.eval_net.state_dict())
-        best_dual, best_step = trainer.history[-1]["val_dual"], trainer.history[-1]["step"]
+        best_dual, best_step = trainer.history[-1]["val_dual"], int(trainer.history[-1]["step"])
     metrics = {
         "method": cfg.method,
         "best_step": best_step,

@@ -48,7 +48,9 @@ class ContextSpec(_Model):
 
     name: str = Field(description="variable name, e.g. 'log_pt'")
     column: str = Field(description="store kinematic column / Jet field, e.g. 'pt'")
-    transform: Literal["identity", "log", "abs"] = Field("identity", description="transform")
+    transform: Literal["identity", "log", "abs"] = Field(
+        default="identity", description="transform"
+    )
     low: float = Field(description="validity range low edge (physical units)")
     high: float = Field(description="validity range high edge (physical units)")
 
@@ -64,7 +66,7 @@ class TargetsConfig(_Model):
     """How OT targets are built from the EM fit (see :func:`coffea_otcal.variations.build_targets`)."""
 
     method: Literal["flow", "responsibility"] = "flow"
-    samples_per_source: int = Field(1, ge=1)
+    samples_per_source: int = Field(default=1, ge=1)
 
 
 class OTStageConfig(_Model):
@@ -92,15 +94,21 @@ class OTStageConfig(_Model):
         ),
     )
     max_variations: int | None = Field(
-        None, ge=0, description="train maps for the N variations of largest variance (None: all)"
+        default=None,
+        ge=0,
+        description="train maps for the N variations of largest variance (None: all)",
     )
-    variation_steps: int = Field(300, ge=1, description="fine-tuning steps of a variation map")
-    variation_lr: float = Field(2e-3, gt=0, description="peak learning rate of variation fine-tuning")
+    variation_steps: int = Field(
+        default=300, ge=1, description="fine-tuning steps of a variation map"
+    )
+    variation_lr: float = Field(
+        default=2e-3, gt=0, description="peak learning rate of variation fine-tuning"
+    )
     variation_batch_size: int | None = Field(
-        None, ge=2, description="batch size of variation fine-tuning (None: the nominal's)"
+        default=None, ge=2, description="batch size of variation fine-tuning (None: the nominal's)"
     )
     common_fine_tune: bool = Field(
-        True,
+        default=True,
         description="publish as nominal the first-stage map fine-tuned exactly as its "
         "variations are (same steps, seed and batches, the nominal target), so that a "
         "variation map differs from the nominal only through the variation's weights; a "
@@ -108,7 +116,7 @@ class OTStageConfig(_Model):
         "without training (docs/ot.md, 'Variation maps')",
     )
     training_variation: bool = Field(
-        False,
+        default=False,
         description="add the variation 'ot_training': up is the map of a second first stage "
         "trained from another seed (seed + 1: initial weights, validation split and batches), "
         "fine-tuned like the nominal; down is the nominal (one-sided). Its spread is the "
@@ -116,10 +124,12 @@ class OTStageConfig(_Model):
         "more first-stage map per flavour (docs/ot.md, 'Variation maps')",
     )
     max_source: int | None = Field(
-        200_000, ge=100, description="subsample each flavour's source to at most this many jets"
+        default=200_000,
+        ge=100,
+        description="subsample each flavour's source to at most this many jets",
     )
     workers: int | None = Field(
-        None, ge=1,
+        default=None, ge=1,
         description="processes that train maps side by side, the CPUs shared out as torch "
         "threads (None: one per CPU, at most 8; 1: one map after the other in this process; "
         "on CUDA always 1); not part of the stage's cache key",
@@ -147,11 +157,15 @@ class ClosureConfig(_Model):
     """Closure histograms, metrics and plots."""
 
     kappas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
-    bins: int = Field(20, ge=2)
+    bins: int = Field(default=20, ge=2)
     experiment: Literal["CMS", "ATLAS"] | None = "CMS"
-    plot_control_regions: bool = Field(True, description="closure plots in each control region too")
-    classifier_max_jets: int = Field(200_000, ge=100, description="per sample, for the AUC test")
-    baseline: bool = Field(True, description="run the vertical (reweighting) baseline")
+    plot_control_regions: bool = Field(
+        default=True, description="closure plots in each control region too"
+    )
+    classifier_max_jets: int = Field(
+        default=200_000, ge=100, description="per sample, for the AUC test"
+    )
+    baseline: bool = Field(default=True, description="run the vertical (reweighting) baseline")
 
 
 class PipelineConfig(_Model):
@@ -159,7 +173,7 @@ class PipelineConfig(_Model):
 
     fill: FillConfig = Field(description="the fill configuration (datasets, regions, adapter)")
     control_regions: list[str] | None = Field(
-        None, description="regions used by EM (default: all but the validation regions)"
+        default=None, description="regions used by EM (default: all but the validation regions)"
     )
     validation_regions: list[str] = Field(default_factory=lambda: ["vr"])
     context: list[ContextSpec] = Field(default_factory=_default_context)
@@ -168,7 +182,7 @@ class PipelineConfig(_Model):
         description="EM settings; the pipeline holds the fractions for 5 shape-only iterations",
     )
     em_conditional: bool = Field(
-        False,
+        default=False,
         description="condition the EM flows (and so the OT maps) on the context; off by default: "
         "on the generated samples conditioning let the fractions slide further (docs/em.md) and "
         "closed worse (docs/methods.md)",
@@ -243,7 +257,8 @@ def load_pipeline_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
         files = {name: ds.files for name, ds in fill.datasets.items()}
         raw = {**raw, "fill": fill.model_dump()}
     else:  # still check the files and the regions of the raw fill section
-        ds_raw = fill_raw.get("datasets") if isinstance(fill_raw.get("datasets"), Mapping) else {}
+        ds_value = fill_raw.get("datasets")
+        ds_raw: Mapping[str, Any] = ds_value if isinstance(ds_value, Mapping) else {}
         files = {name: [str(base / f) for f in ds.get("files") or [] if isinstance(f, str)
                         and not any(c in f for c in "*?[")]
                  for name, ds in ds_raw.items() if isinstance(ds, Mapping)}
@@ -391,11 +406,11 @@ def run_pipeline(
         section = st.stage_config(config, name)
         digest = _hash(name, section, upstream)
         forced = forced or name in force
-        results[name] = _run_stage(
-            name, out, digest,
-            lambda tmp, name=name: st.STAGE_FUNCTIONS[name](config, tmp, results, progress, truth),
-            forced,
-        )
+
+        def work(tmp: Path, name: str = name) -> dict[str, Any]:
+            return st.STAGE_FUNCTIONS[name](config, tmp, results, progress, truth)
+
+        results[name] = _run_stage(name, out, digest, work, forced)
         # a rerun upstream stage (new "finished" stamp) invalidates everything after it
         manifest = _read_manifest(results[name].folder) or {}
         upstream = f"{digest}:{manifest.get('finished', '')}"
