@@ -91,6 +91,11 @@ def test_band_sides_are_kept_apart() -> None:
     down, up = variation_band(nominal, {"s_up": np.array([0.6, 0.4]), "s_down": np.array([0.55, 0.45])})
     np.testing.assert_allclose(up, [0.1, 0.0])
     np.testing.assert_allclose(down, [0.0, 0.1])
+    # one suffix only: variation "x_down" has maps "x_down_up" / "x_down_down"
+    down, up = variation_band(nominal, {"x_down_up": np.array([0.6, 0.4]),
+                                        "x_down_down": np.array([0.4, 0.6]),
+                                        "x_up": np.array([0.6, 0.4])})
+    np.testing.assert_allclose(up, [np.hypot(0.1, 0.1), 0.1])
     # an unpaired name is a source of its own; sources add in quadrature
     down, up = variation_band(nominal, {"s_up": np.array([0.6, 0.4]), "t": np.array([0.7, 0.3])})
     np.testing.assert_allclose(up, [np.hypot(0.1, 0.2), 0.0])

@@ -119,7 +119,8 @@ def variation_band(
     n = np.asarray(nominal, dtype=np.float64)
     sources: dict[str, list[np.ndarray]] = {}
     for name, shape in variations.items():
-        base = name.removesuffix("_up").removesuffix("_down")
+        base = name[: -len("_up")] if name.endswith("_up") else name
+        base = base[: -len("_down")] if base == name and name.endswith("_down") else base
         sources.setdefault(base, []).append(np.asarray(shape, dtype=np.float64) - n)
     up2, down2 = np.zeros_like(n), np.zeros_like(n)
     for shifts in sources.values():
