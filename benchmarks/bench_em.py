@@ -101,7 +101,7 @@ def simulate(cfg: GeneratorConfig, n: int, seed: int, with_context: bool, adapte
 PT_SCALE = {"cr_b": 90.0, "cr_c": 45.0, "cr_light": 20.0}
 
 
-def simulate_kinematics(n: int, seed: int, with_context: bool):
+def simulate_kinematics(n: int, seed: int, with_context: bool, adapter=None):
     """Regions whose jets (all flavours) follow a region-specific pT spectrum."""
     cfg = GeneratorConfig()
     rng = np.random.default_rng(seed)
@@ -116,7 +116,9 @@ def simulate_kinematics(n: int, seed: int, with_context: bool):
                 pt = 20.0 + rng.gamma(1.3, PT_SCALE[r], k)
                 pt = np.minimum(pt, 999.0)
                 parts.append(sample_response(cfg, f, int(k), is_data, rng, pt=pt))
-            per[is_data] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            per[is_data] = _read(
+                {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, adapter
+            )
         data[r] = _region(per[True], with_context, False)
         mc[r] = _region(per[False], with_context, True)
         truth[r] = RegionData(x=data[r].x, context=data[r].context, flavour=per[True]["flavour"])
@@ -270,7 +272,7 @@ def main() -> None:
             summary.append((case, "uncond", out))
         elif case == "kinematics":
             for cond in (False, True):
-                data, mc, truth = simulate_kinematics(args.jets, args.seed + 2, cond)
+                data, mc, truth = simulate_kinematics(args.jets, args.seed + 2, cond, adapter)
                 out = evaluate(
                     f"kinematics ({'cond' if cond else 'uncond'})",
                     data,
