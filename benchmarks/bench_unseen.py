@@ -10,6 +10,8 @@ then prints the validation-region summary and the per-flavour check against the 
 Variants:
 
 * ``upart``: UParT's columns (``btagUParTAK4B``, ``...CvL``, ``...CvB``) instead of DeepJet's;
+* ``gn2_float``: ATLAS-style GN2 probability columns (``GN2v01_pb``, ``_pc``, ``_pu``) stored as
+  plain float32 (no reduced mantissa, so the adapter does not dequantise);
 * ``purer_data``: pseudo-data *purer* than the MC in every control region (the demo's is less
   pure), e.g. cr_b 0.93 b in data against 0.90 in MC;
 * ``low_pt_mismodelling``: the smearing grows towards low pT (slope -0.3 instead of +0.3),
@@ -39,6 +41,8 @@ def variant_config(name: str) -> GeneratorConfig:
     base = demo_generator_config(seed=SEED)
     if name == "upart":
         return base.model_copy(update={"tagger": "upart"})
+    if name == "gn2_float":
+        return base.model_copy(update={"tagger": "gn2", "quantise": False})
     if name == "purer_data":
         data = {"cr_b": (0.93, 0.03, 0.04), "cr_c": (0.04, 0.91, 0.05), "cr_light": (0.03, 0.07, 0.90)}
         regions = {
