@@ -119,8 +119,8 @@ def variation_band(
     n = np.asarray(nominal, dtype=np.float64)
     sources: dict[str, list[np.ndarray]] = {}
     for name, shape in variations.items():
-        base = name[: -len("_up")] if name.endswith("_up") else name
-        base = base[: -len("_down")] if base == name and name.endswith("_down") else base
+        suffix = next((x for x in ("_up", "_down") if name.endswith(x)), "")
+        base = name[: len(name) - len(suffix)]
         sources.setdefault(base, []).append(np.asarray(shape, dtype=np.float64) - n)
     up2, down2 = np.zeros_like(n), np.zeros_like(n)
     for shifts in sources.values():

@@ -36,6 +36,7 @@ from coffea_otcal.closure import (
     discriminant_values,
     mean_aitchison_displacement,
     shape_chi2,
+    variation_band,
 )
 
 if TYPE_CHECKING:
@@ -71,8 +72,6 @@ def band_coverage(
     Returns:
         ``(bins inside, bins with entries)``.
     """
-    from coffea_otcal.closure import variation_band
-
     (d, dv), (n, nv) = data, nominal
     sums = {"data": d.sum(), "nominal": n.sum(), **{k: v.sum() for k, v in variations.items()}}
     empty = {k: float(v) for k, v in sums.items() if not v > 0}
