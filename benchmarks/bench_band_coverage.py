@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from coffea_otcal import report
-from coffea_otcal.closure import variation_band
+from coffea_otcal.closure import DISCRIMINANTS, variation_band
 from coffea_otcal.pipeline import load_pipeline_config, run_pipeline
 from coffea_otcal.run_cli import read_run_configuration
 
@@ -70,7 +70,18 @@ def definitions(data, nominal, variations, z=1.0):
     return res
 
 
+def pooled(records: list[tuple], z: float = 1.0) -> str:
+    """Coverage of every definition pooled over the recorded histograms, as one line."""
+    tot: dict[str, list[int]] = {}
+    for rec in records:
+        for k, (i, u) in definitions(*rec, z=z).items():
+            t = tot.setdefault(k, [0, 0])
+            t[0], t[1] = t[0] + i, t[1] + u
+    return ", ".join(f"{k} {100 * i / u:.1f} %" for k, (i, u) in tot.items())
+
+
 def main() -> None:
+    """Rerun each run's closure in a copy and print the coverage under every definition."""
     for run in map(Path, sys.argv[1:]):
         config = load_pipeline_config(read_run_configuration(run))
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,24 +91,11 @@ def main() -> None:
                 shutil.copytree(run / stage, work / stage)
             RECORD.clear()
             run_pipeline(config, work, progress=False)
-            n_vr = len(config.closure.kappas) * 3 * len(config.validation_regions)
+            # the closure visits the validation regions first, one histogram per (D, kappa)
+            n_vr = len(config.closure.kappas) * len(DISCRIMINANTS) * len(config.validation_regions)
             for z in (1.0, 1.645):
-                tot: dict[str, list[int]] = {}
-                for rec in RECORD[:n_vr]:
-                    for k, (i, u) in definitions(*rec, z=z).items():
-                        tot.setdefault(k, [0, 0])
-                        tot[k][0] += i
-                        tot[k][1] += u
-                line = ", ".join(f"{k} {100 * i / u:.1f} %" for k, (i, u) in tot.items())
-                print(f"{run} validation, {z:g} sigma: {line}")
-            tot = {}
-            for rec in RECORD[n_vr:]:
-                for k, (i, u) in definitions(*rec).items():
-                    tot.setdefault(k, [0, 0])
-                    tot[k][0] += i
-                    tot[k][1] += u
-            line = ", ".join(f"{k} {100 * i / u:.1f} %" for k, (i, u) in tot.items())
-            print(f"{run} control regions, 1 sigma: {line}", flush=True)
+                print(f"{run} validation, {z:g} sigma: {pooled(RECORD[:n_vr], z)}")
+            print(f"{run} control regions, 1 sigma: {pooled(RECORD[n_vr:])}", flush=True)
 
 
 if __name__ == "__main__":
