@@ -14,7 +14,9 @@ Each case prints fitted vs true fractions with the effective 1-sigma (eq. 61), t
 the diagnostics (kappa, rho(F), singular values of G, stable/prior split), the binned
 chi2/ndf of the extracted densities against the true data densities on each ILR
 projection, the band coverage, and the wall time. ``--jets N`` changes the jets per
-region, ``--threads T`` the torch threads (default 1).
+region, ``--threads T`` the torch threads (default 1; the flavours' flows still train in
+threads, one intra-op thread each), ``--flow JSON`` / ``--em JSON`` override ``FlowConfig`` /
+``EMConfig`` fields (e.g. ``--em '{"m_steps": 300}'``).
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ def main() -> None:
                         help="read DeepJet with mantissa_bits=10, dequantise=True (as the demo)")
     parser.add_argument("--warmup", type=int, default=0, help="EMConfig.shape_warmup")
     parser.add_argument("--flow", default="{}", help='FlowConfig overrides as JSON, e.g. {"bins": 16}')
+    parser.add_argument("--em", default="{}", help='EMConfig overrides as JSON, e.g. {"m_steps": 300}')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads: {args.threads}; jets per region: {args.jets}; "
@@ -258,11 +261,13 @@ def main() -> None:
         from coffea_otcal.adapters import get_adapter
 
         adapter = get_adapter("deepjet", mantissa_bits=10, dequantise=True)
-    config = EMConfig(shape_warmup=args.warmup)
+    config = EMConfig.model_validate({"shape_warmup": args.warmup, **json.loads(args.em)})
     config = config.model_copy(
         update={"flow": config.flow.model_copy(update=json.loads(args.flow))}
     )
     print(f"flow: {config.flow.model_dump()}")
+    print(f"em: m_steps {config.m_steps}, max_iterations {config.max_iterations}, "
+          f"learning_rate_decay {config.learning_rate_decay}")
     summary = []
     for case in args.cases:
         if case in ("table1", "impure_c"):

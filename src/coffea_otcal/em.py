@@ -96,12 +96,13 @@ class EMConfig(BaseModel):
         ),
     )
     m_steps: int = Field(
-        default=100,
+        default=200,
         ge=1,
         description=(
-            "Adam steps per flavour flow in each M-step (100 with the 0.9 decay: the flows "
-            "finish adapting before the fractions move; 40 / 0.85 let the fit slide further "
-            "along its weakly constrained direction, docs/em.md 'Where the EM stops')"
+            "Adam steps per flavour flow in each M-step (200 with the 0.9 decay: the flows "
+            "finish adapting before the fractions move; shorter M-steps let the fit slide "
+            "along its weakly constrained direction and close worse, docs/em.md 'Where the EM "
+            "stops' and 'Longer M-steps')"
         ),
     )
     restarts: int = Field(
