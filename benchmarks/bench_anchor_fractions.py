@@ -1,8 +1,9 @@
 """Anchor (separable-mixture) estimate of the control-region fractions: does it work here?
 
-docs/em.md ("Which way the fit slides") argues that the EM's flat direction is one-sided and
-that, under the anchor condition, the true fractions are identified by the jets in each
-flavour's anchor region. This experiment estimates the fraction matrix Pi (regions x
+Tests a hypothesis of docs/em.md ("Which way the fit slides"; refuted there with this
+script's output): that the EM's flat direction is one-sided and that, under the anchor
+condition, the true fractions are identified by the jets in each flavour's anchor region.
+This experiment estimates the fraction matrix Pi (regions x
 flavours) from pseudo-data alone: for each flavour a, the anchor is the top q of the pooled
 data in the tagger's own p_a; F[r, a] = share of region r's data in that anchor; then
 F = Pi K diag(eps) with K[g, a] = eps_g(t_a) / eps_a(t_a) the impurity of anchor a, and the
