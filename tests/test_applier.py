@@ -366,3 +366,51 @@ def test_jet_record_builds_the_zip_and_unflatten_layout() -> None:
         jet_record(fields, np.array([10]))
     with pytest.raises(ValueError, match=r"different lengths: \[9, 3\]"):
         jet_record({"a": fields["a"], "b": np.zeros(3)})
+
+
+def test_maps_equal_to_their_nominal_are_evaluated_once() -> None:
+    """A variation published as a copy of a flavour's nominal map (the pipeline does this
+    where the variation leaves that flavour's target unchanged) is not evaluated again,
+    and every output equals the per-map evaluation."""
+    from test_bundle import ETA_CONTEXT, fitted_map
+
+    names = ["nominal", "a_up", "a_down", "b_up", "b_down"]
+    distinct = {(code, name): fitted_map(100 * i + j, 2)
+                for i, code in enumerate((5, 4, 0)) for j, name in enumerate(names)}
+    maps = dict(distinct)
+    # variation a: a copy of the nominal for b and light jets (new label, same content);
+    # variation b: a copy of the nominal for every flavour
+    for code in (5, 0):
+        for name in ("a_up", "a_down"):
+            maps[code, name] = {**distinct[code, "nominal"], "name": f"{code}/{name}"}
+    for code in (5, 4, 0):
+        for name in ("b_up", "b_down"):
+            maps[code, name] = distinct[code, "nominal"]
+    bundle = Bundle.from_maps(maps, ["b", "c", "light"], "deepjet",
+                              [PT_CONTEXT, ETA_CONTEXT],
+                              {"a": "partly shared", "b": "all shared"}, {"seed": 1})
+    cal = Calibrator(bundle)
+    cols = random_jets(3000, seed=11)
+    out = cal.calibrate_columns(cols)
+    # only the 3 nominal maps and c's two variation-a maps were built
+    assert sorted(cal._maps) == sorted([(5, "nominal"), (4, "nominal"), (0, "nominal"),
+                                        (4, "a_up"), (4, "a_down")])
+    flav = cols["hadronFlavour"].astype(int)
+    p = get_adapter("deepjet").to_simplex(cols)[0]
+    reference = Calibrator(bundle)
+    for var, direction in (("a", "up"), ("a", "down"), ("b", "up")):
+        fields = out[f"OTCAL_{var}"][direction]
+        for code in (5, 4, 0):
+            sel = flav == code
+            kin = {"pt": cols["pt"][sel], "eta": cols["eta"][sel]}
+            expect = reference.calibrate_probs(p[sel], code, kin, f"{var}_{direction}")
+            np.testing.assert_allclose(fields["p_b"][sel], expect[:, 0], rtol=0, atol=1e-15)
+            np.testing.assert_allclose(fields["p_light"][sel], expect[:, 2], rtol=0, atol=1e-15)
+    # variation b equals the nominal everywhere, in separate arrays
+    np.testing.assert_array_equal(out["OTCAL_b"]["up"]["btagDeepFlavB"], out["btagDeepFlavB_otcal"])
+    assert out["OTCAL_b"]["up"]["p_b"] is not out["p_b_otcal"]
+    assert not np.shares_memory(out["OTCAL_b"]["down"]["p_c"], out["OTCAL_b"]["up"]["p_c"])
+    # variation a moved the c jets differently from the nominal
+    c_jets = flav == 4
+    assert not np.allclose(out["OTCAL_a"]["up"]["p_c"][c_jets], out["p_c_otcal"][c_jets])
+    assert cal.map_digest(5, "a_up") == cal.map_digest(5, "nominal") != cal.map_digest(4, "a_up")

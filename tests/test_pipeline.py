@@ -559,7 +559,7 @@ def test_cli_run_example_config_fill_stage(
     assert config.ot.max_variations == 2
     assert config.fill.adapter.options == {"mantissa_bits": 10, "dequantise": True}
     assert config.em.shape_warmup == 5
-    assert config.em.restarts == 3
+    assert config.em.restarts == 1
     assert (config.em.m_steps, config.em.learning_rate_decay) == (200, 0.9)
     out = path.parent / "out"
     assert cli.main(["run", str(path), "-o", str(out), "--stages", "fill", "--no-progress"]) == 0

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -197,6 +198,7 @@ class Calibrator:
             )
             raise ValueError(msg)
         self._maps: dict[tuple[int, str], FittedMap] = {}
+        self._digests: dict[tuple[int, str], str] = {}
 
     # ----------------------------------------------------------------- serialization
 
@@ -239,6 +241,20 @@ class Calibrator:
             # the bundle's map model is the kernels' one: no dump and re-validation
             self._maps[key] = FittedMap(self.bundle.get_map(*key), dtype=self.dtype.type)
         return self._maps[key]
+
+    def map_digest(self, flavour: int, variation: str = "nominal") -> str:
+        """SHA-256 of a map's potential and preprocessing (its free label excluded).
+
+        Maps with equal digests compute the same transport: the pipeline publishes a
+        variation's map as a copy of the nominal one where the variation leaves that
+        flavour's target unchanged, and :meth:`calibrate_columns` evaluates such maps once.
+        """
+        key = (int(flavour), variation)
+        if key not in self._digests:
+            dump = self.bundle.get_map(*key).model_dump_json(
+                include={"potential", "preprocessing"})
+            self._digests[key] = hashlib.sha256(dump.encode()).hexdigest()
+        return self._digests[key]
 
     def _map_names(self, variations: Sequence[str] | None) -> list[str]:
         if variations is None:
@@ -369,24 +385,37 @@ class Calibrator:
         z = _ilr_rows(probs, rows, basis, self.bundle.coordinates.eps) if rows.size else None
         ctx_rows = None if ctx is None or z is None else ctx[rows].astype(self.dtype)
         result: dict[str, Any] = {}
+        # Maps with equal content (a variation that leaves a flavour's target unchanged is
+        # published as a copy of its nominal map) are evaluated once: per flavour slice, and
+        # per map name when every slice repeats an earlier name (then its columns are copied).
+        moved: dict[tuple[int, str], np.ndarray] = {}
+        done: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         for name in names:
             fields: dict[str, np.ndarray] = {}
+            digests = tuple(self.map_digest(code, name) for code, _ in slices)
             if z is None:
                 fields.update({c: v.copy() for c, v in originals.items()})
                 fields.update(
                     {f"p_{k}": v.copy() for k, v in zip(self.classes, base_p, strict=True)}
                 )
+            elif digests in done:
+                fields = {c: v.copy() for c, v in done[digests].items()}
             else:
                 zt = np.empty_like(z)
-                for code, sl in slices:
+                for (code, sl), digest in zip(slices, digests, strict=True):
+                    if (code, digest) in moved:
+                        zt[sl] = moved[code, digest]
+                        continue
                     c_rows = None if ctx_rows is None else ctx_rows[sl]
                     fmap = self.fitted_map(code, name)
                     fmap.transport_unlimited(z[sl], c_rows, out=zt[sl])
+                    moved[code, digest] = zt[sl]
                 pm = _ilr_inv_rows(zt, basis)
                 for c, v in self.adapter.from_simplex(pm.T).items():
                     fields[c] = _scatter(originals[c], rows, v)
                 for i, k in enumerate(self.classes):
                     fields[f"p_{k}"] = _scatter(base_p[i], rows, pm[i])
+                done[digests] = fields
             if name == "nominal":
                 result.update({f"{k}_otcal": v for k, v in fields.items()})
                 result["otcal_status"] = status
