@@ -206,18 +206,11 @@ def skim_dir(files: list[Path], bundle_path: Path, out: Path, **kw) -> tuple[flo
 
 def shared_maps(bundle_path: Path) -> tuple[int, int]:
     """(maps per flavour, variation maps that are copies of their flavour's nominal)."""
-    import hashlib
+    from coffea_otcal.applier import Calibrator
 
-    from coffea_otcal.bundle import Bundle
-
-    bundle = Bundle.load(bundle_path)
-
-    def digest(code: int, name: str) -> str:  # as Calibrator.map_digest
-        dump = bundle.get_map(code, name).model_dump_json(include={"potential", "preprocessing"})
-        return hashlib.sha256(dump.encode()).hexdigest()
-
-    codes, names = bundle.flavour_codes, bundle.map_names
-    copies = sum(digest(c, n) == digest(c, "nominal")
+    cal = Calibrator(bundle_path)
+    codes, names = cal.bundle.flavour_codes, cal.bundle.map_names
+    copies = sum(cal.map_digest(c, n) == cal.map_digest(c, "nominal")
                  for c in codes for n in names if n != "nominal")
     return len(names), copies
 
