@@ -220,6 +220,33 @@ def _no_reuse(self, flavour: int, variation: str = "nominal") -> str:
     return f"{flavour}/{variation}"
 
 
+def bench_reuse(bundle_path: Path, n_jets: int, repeat: int) -> None:
+    """calibrate_columns of a pipeline bundle: copies of the nominal reused vs every map evaluated."""
+    from coffea_otcal.applier import Calibrator
+
+    cols = random_columns(n_jets, seed=1)
+    reuse = Calibrator.map_digest
+    cal = Calibrator(bundle_path, dtype="float32")
+    n_maps, copies = shared_maps(bundle_path)
+    outputs, best = {}, {}
+    for label, digest in (("every map evaluated", _no_reuse), ("copies reused", reuse)):
+        Calibrator.map_digest = digest  # type: ignore[method-assign]
+        outputs[label] = cal.calibrate_columns(cols)
+        best[label] = best_time(partial(cal.calibrate_columns, cols), repeat)
+    Calibrator.map_digest = reuse  # type: ignore[method-assign]
+
+    def leaves(tree: dict) -> list[np.ndarray]:
+        return [x for v in tree.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    same = all(np.array_equal(a, b, equal_nan=True)
+               for a, b in zip(*(leaves(o) for o in outputs.values()), strict=True))
+    print(f"\n## 2b. calibrate_columns with {bundle_path.name} ({n_maps} maps per flavour, {copies} "
+          f"variation maps are copies of their nominal), {n_jets:,} MC jets, float32, one thread, "
+          f"best of {repeat}; identical outputs: {same}")
+    for label, t in best.items():
+        print(f"| {label} | {t:.3f} s | {t / n_jets * 1e6:.2f} us per jet |")
+
+
 def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp: Path,
                 pipeline_bundle: Path | None = None) -> None:
     # the generator writes no cross-reference indices (Jet_muonIdx1, ...): NanoAODSchema
@@ -422,6 +449,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench_apply_") as tmp:
             bench_skims(args.scale, args.repeat, args.chunksize, args.skip_dask, Path(tmp),
                         args.bundle)
+        if args.bundle is not None:
+            bench_reuse(args.bundle, 720_000, args.repeat)
     if args.only in (None, "malloc") and not args.skip_dask:
         bench_malloc(args.opens)
     return 0
