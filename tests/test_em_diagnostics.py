@@ -257,3 +257,35 @@ def test_fraction_drift_names_the_sliding_entry_and_its_rate():
     wobble = fraction_drift(_trace([0.1, 0.12, 0.11, 0.125], [2.5] * 4), regions, classes, 3)
     assert wobble["monotone"] is False
     assert fraction_drift(trace[:3], regions, classes, last=3) is None
+
+
+def test_fit_quality_tests_the_mixture_and_each_flow_on_the_data_alone(fitted):
+    from coffea_otcal.em_diagnostics import fit_quality
+
+    fitted, _ = fitted
+    quality = fit_quality(fitted, bins=20)
+    assert quality.mixture.shape == (3, 2)
+    assert quality.component.shape == (3, 2)
+    assert np.all(quality.ndf_mixture >= 10)
+    assert np.all(quality.ndf_component >= 10)
+    assert np.all((quality.p_mixture >= 0) & (quality.p_mixture <= 1))
+    # the fitted mixture describes each region's data
+    assert quality.mixture.max() < 2.5, quality.table()
+    assert json.loads(json.dumps(quality.to_dict()))["regions"] == list(fitted.regions)
+    assert quality.table().count("\n") == 2 + 3 + 3 - 1
+    # same seed, same numbers
+    again = fit_quality(fitted, bins=20)
+    np.testing.assert_array_equal(again.mixture, quality.mixture)
+    # fractions of the wrong region: the b region's mixture now has the light composition,
+    # and the test says which region misses
+    swapped = dataclasses.replace(fitted, logits=fitted.logits[::-1].copy())
+    bad = fit_quality(swapped, bins=20)
+    assert bad.mixture[0].max() > 10 * quality.mixture[0].max()
+    assert any("region 'b'" in note for note in bad.warnings)
+
+
+def test_fit_quality_refuses_a_meaningless_binning(fitted):
+    from coffea_otcal.em_diagnostics import fit_quality
+
+    with pytest.raises(ValueError, match="bins >= 2"):
+        fit_quality(fitted[0], bins=1)

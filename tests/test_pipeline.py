@@ -252,6 +252,12 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     em_plots = list((finished.stages["em"].folder / "plots").glob("*.png"))
     assert em_plots
+    # the EM's data-only goodness of fit, summarised in the stage and written in full
+    quality = json.loads((finished.stages["em"].folder / "fit_quality.json").read_text())
+    summary = finished.stages["em"].summary["fit_quality"]
+    assert summary["mixture_max"] == pytest.approx(np.max(quality["mixture"]), abs=1e-3)
+    assert summary["component_max"] == pytest.approx(np.max(quality["component"]), abs=1e-3)
+    assert len(quality["mixture"]) == len(quality["regions"]) == 3
 
 
 # ----------------------------------------------------------------------------- caching

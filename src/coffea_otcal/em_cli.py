@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from coffea_otcal.em import EMConfig, fit_em
-    from coffea_otcal.em_diagnostics import compute_diagnostics
+    from coffea_otcal.em_diagnostics import compute_diagnostics, fit_quality
     from coffea_otcal.store import load_store
     from coffea_otcal.variations import build_targets, make_variations
 
@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
     )
     diagnostics = compute_diagnostics(result)
+    quality = fit_quality(result)
+    logger.info("EM goodness of fit on the data (docs/em.md, 'Goodness of fit without "
+                "truth'):\n%s", quality.table())
     variations = make_variations(diagnostics)
     targets = build_targets(result, mc, variations, method=args.targets, seed=args.seed)
     outdir = Path(args.outdir)
@@ -161,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         "elapsed_s": result.elapsed_s,
         "trace": result.trace,
         "diagnostics": diagnostics.to_dict(),
+        "fit_quality": quality.to_dict(),
         "variations": [v.model_dump() for v in variations],
     }
     (outdir / "em_diagnostics.json").write_text(json.dumps(report, indent=1))

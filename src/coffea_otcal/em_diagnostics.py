@@ -4,10 +4,12 @@ from __future__ import annotations
 
 __all__ = [
     "EMDiagnostics",
+    "FitQuality",
     "binned_chi2",
     "compute_diagnostics",
     "condition_number",
     "feedback_operator",
+    "fit_quality",
     "fraction_covariance",
     "fraction_drift",
     "fraction_pulls",
@@ -445,3 +447,180 @@ def binned_chi2(
     num = (ha[ok] / sa - hb[ok] / sb) ** 2
     den = va[ok] / sa**2 + vb[ok] / sb**2
     return float((num / den).sum()), int(ok.sum() - 1)
+
+
+@dataclass
+class FitQuality:
+    r"""Goodness of fit of an EM result on the data alone (no truth needed).
+
+    Two binned two-sample :math:`\chi^2` tests per ILR coordinate (:func:`binned_chi2`):
+
+    * ``mixture[r, k]``: region ``r``'s data against the fitted mixture
+      :math:`\sum_f \hat\pi_{r,f} q_f` (Kim & Yang eq. 14), sampled from the flows. A
+      mixture that misses the data means the densities or fractions cannot describe the
+      region.
+    * ``component[f, k]``: flavour ``f``'s flow against what the M-step fits, the data jets
+      of every region weighted by :math:`w_i \hat\gamma_{r,i,f}` (eq. 17, 23). Above ~1
+      the flow does not reach its own target, and the extracted density is less accurate
+      than the data allow (docs/em.md, 'What limits the b density').
+
+    Neither test sees the flat direction of the fractions (a mixture is unchanged by
+    :math:`q' = A^{-1} q,\ \pi' = \pi A`); that is what the effective covariance is for.
+    Arrays hold chi2/ndf; ``ndf_*`` the degrees of freedom; ``p_*`` the p-values.
+    """
+
+    classes: tuple[str, ...]
+    regions: tuple[str, ...]
+    bins: int
+    mixture: np.ndarray
+    ndf_mixture: np.ndarray
+    p_mixture: np.ndarray
+    component: np.ndarray
+    ndf_component: np.ndarray
+    p_component: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (arrays as nested lists, rounded to 4 digits)."""
+        out: dict[str, Any] = {"classes": list(self.classes), "regions": list(self.regions),
+                               "bins": self.bins, "warnings": list(self.warnings)}
+        for key in ("mixture", "ndf_mixture", "p_mixture", "component", "ndf_component",
+                    "p_component"):
+            value = getattr(self, key)
+            out[key] = np.round(value, 4).tolist() if value.dtype.kind == "f" else value.tolist()
+        return out
+
+    def table(self) -> str:
+        """Markdown table: one row per region (mixture) and per flavour (component)."""
+        dim = self.mixture.shape[1]
+        head = "| test | " + " | ".join(f"chi2/ndf z{k + 1} (p)" for k in range(dim)) + " |"
+        rows = [head, "|" + " --- |" * (dim + 1)]
+        for name, chi, p in [
+            *[(f"data vs mixture, {r}", self.mixture[i], self.p_mixture[i])
+              for i, r in enumerate(self.regions)],
+            *[(f"flow vs EM target, {c}", self.component[i], self.p_component[i])
+              for i, c in enumerate(self.classes)],
+        ]:
+            rows.append(f"| {name} | " + " | ".join(
+                f"{c:.2f} ({q:.2g})" for c, q in zip(chi, p, strict=True)) + " |")
+        return "\n".join(rows)
+
+
+def _weighted_edges(x: np.ndarray, w: np.ndarray, bins: int, tail: float) -> np.ndarray:
+    """``bins`` equal-width bins between the weighted ``tail`` and ``1 - tail`` quantiles."""
+    order = np.argsort(x)
+    cdf = np.cumsum(np.abs(w[order]))
+    cdf /= cdf[-1]
+    xs = x[order]
+    lo = float(xs[min(int(np.searchsorted(cdf, tail)), len(x) - 1)])
+    hi = float(xs[min(int(np.searchsorted(cdf, 1.0 - tail)), len(x) - 1)])
+    if not hi > lo:
+        hi = lo + 1e-9
+    return np.linspace(lo, hi, bins + 1)
+
+
+def fit_quality(
+    result: EMResult,
+    bins: int = 40,
+    samples_per_jet: float = 1.0,
+    tail: float = 0.002,
+    threshold: float = 2.0,
+    seed: int | None = None,
+) -> FitQuality:
+    r"""Data-only goodness of fit of an EM result: mixture vs data, flow vs its target.
+
+    Each region ``r`` gets ``samples_per_jet`` flow samples per data jet (default 1: both
+    sides of each test carry the same statistics; the chi2 counts both), split over the
+    flavours by :math:`\hat\pi_r` (at least 500 per flavour); conditional flows draw their
+    contexts from the region's jets (the model of eq. 14 with context: fractions independent
+    of the context). Region ``r``'s samples give its mixture; flavour ``f``'s samples of all
+    regions, each region's share weighted to that region's responsibility sum
+    :math:`\sum_i w_i \hat\gamma_{r,i,f}`, give the flow's side of the component test.
+    Bins: ``bins`` equal bins between the (weighted) ``tail`` and ``1 - tail`` quantiles of
+    the data side; chi2 by :func:`binned_chi2`. A chi2/ndf above ``threshold`` adds a
+    warning naming the region or flavour and coordinate.
+
+    Returns:
+        :class:`FitQuality`.
+    """
+    from scipy import stats
+
+    if bins < 2 or samples_per_jet <= 0:
+        msg = f"fit_quality needs bins >= 2 and samples_per_jet > 0; got {bins}, {samples_per_jet}"
+        raise ValueError(msg)
+    base = result.seed if seed is None else int(seed)
+    flows = result.flows
+    n_f, regions = len(result.classes), result.regions
+    fr = np.asarray(result.fractions)
+    samples: list[list[np.ndarray]] = []
+    targets = np.zeros((len(regions), n_f))
+    gammas = []
+    for r, region in enumerate(regions):
+        d = result.data[region]
+        w = d.weight_array
+        gamma = result.responsibilities(region)
+        gammas.append(gamma)
+        targets[r] = w @ gamma
+        per_flavour = []
+        for f in range(n_f):
+            n = max(round(float(samples_per_jet * len(d.x) * fr[r, f])), 500)
+            s = base + 7919 * r + 104729 * f + 17
+            if flows.n_context:
+                p = np.abs(w) / np.abs(w).sum()
+                idx = np.random.default_rng(s).choice(len(d.x), size=n, p=p)
+                y = flows.sample(f, context=np.asarray(d.context)[idx], seed=s)
+            else:
+                y = flows.sample(f, n=n, seed=s)
+            per_flavour.append(y)
+        samples.append(per_flavour)
+    dim = result.data[regions[0]].x.shape[1]
+    mix = np.zeros((len(regions), dim))
+    ndf_mix = np.zeros((len(regions), dim), dtype=int)
+    comp = np.zeros((n_f, dim))
+    ndf_comp = np.zeros((n_f, dim), dtype=int)
+    notes: list[str] = []
+    total = [float(result.data[r].weight_array.sum()) for r in regions]
+    for k in range(dim):
+        for r, region in enumerate(regions):
+            d = result.data[region]
+            y = np.concatenate([s[:, k] for s in samples[r]])
+            wy = np.concatenate([np.full(len(s), fr[r, f] * total[r] / len(s))
+                                 for f, s in enumerate(samples[r])])
+            edges = _weighted_edges(d.x[:, k], d.weight_array, bins, tail)
+            chi2, ndf = binned_chi2(d.x[:, k], y, edges, weight_a=d.weight_array, weight_b=wy)
+            mix[r, k], ndf_mix[r, k] = chi2 / max(ndf, 1), ndf
+        x_all = np.concatenate([result.data[r].x[:, k] for r in regions])
+        w_all = np.concatenate([result.data[r].weight_array for r in regions])
+        for f in range(n_f):
+            wt = w_all * np.concatenate([g[:, f] for g in gammas])
+            y = np.concatenate([samples[r][f][:, k] for r in range(len(regions))])
+            wy = np.concatenate([np.full(len(samples[r][f]), targets[r, f] / len(samples[r][f]))
+                                 for r in range(len(regions))])
+            edges = _weighted_edges(x_all, wt, bins, tail)
+            chi2, ndf = binned_chi2(x_all, y, edges, weight_a=wt, weight_b=wy)
+            comp[f, k], ndf_comp[f, k] = chi2 / max(ndf, 1), ndf
+    p_mix = stats.chi2.sf(mix * ndf_mix, ndf_mix)
+    p_comp = stats.chi2.sf(comp * ndf_comp, ndf_comp)
+    for r, region in enumerate(regions):
+        for k in range(dim):
+            if mix[r, k] > threshold:
+                notes.append(
+                    f"region {region!r}: the fitted mixture misses the data on ILR z{k + 1} "
+                    f"(chi2/ndf {mix[r, k]:.2f}, ndf {ndf_mix[r, k]}); the flows or the "
+                    "fractions cannot describe this region (docs/em.md, 'Goodness of fit without truth')")
+    for f, cls in enumerate(result.classes):
+        for k in range(dim):
+            if comp[f, k] > threshold:
+                notes.append(
+                    f"flavour {cls!r}: its flow misses its EM target on ILR z{k + 1} "
+                    f"(chi2/ndf {comp[f, k]:.2f}, ndf {ndf_comp[f, k]}); the extracted "
+                    "density is less accurate than the data allow (docs/em.md, 'Goodness of fit without "
+                    "truth')")
+    for note in notes:
+        logger.warning(note)
+    return FitQuality(
+        classes=tuple(result.classes), regions=tuple(regions), bins=bins,
+        mixture=mix, ndf_mixture=ndf_mix, p_mixture=np.asarray(p_mix, dtype=np.float64),
+        component=comp, ndf_component=ndf_comp, p_component=np.asarray(p_comp, dtype=np.float64),
+        warnings=notes,
+    )

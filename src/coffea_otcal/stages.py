@@ -125,7 +125,7 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                  progress: bool, truth: Any) -> dict[str, Any]:
     """EM fit, diagnostics, variations, OT targets and the EM plots."""
     from coffea_otcal.em import fit_em
-    from coffea_otcal.em_diagnostics import compute_diagnostics
+    from coffea_otcal.em_diagnostics import compute_diagnostics, fit_quality
     from coffea_otcal.em_plots import plot_em_report
     from coffea_otcal.variations import build_targets, make_variations
 
@@ -143,6 +143,8 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
     targets.save(tmp / "targets.npz")
     result.save(tmp / "em_result.npz")
     (tmp / "diagnostics.json").write_text(json.dumps(diagnostics.to_dict(), indent=1, default=float))
+    quality = fit_quality(result)
+    (tmp / "fit_quality.json").write_text(json.dumps(quality.to_dict(), indent=1))
     em_truth = truth.get("em") if truth else None
     plot_em_report(result, tmp / "plots", truth=em_truth, diagnostics=diagnostics,
                    variations=variations)
@@ -155,6 +157,11 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
         "fraction_drift": None if diagnostics.fraction_drift is None else {
             k: v for k, v in diagnostics.fraction_drift.items() if k != "message"},
         "variations": [v.name for v in variations],
+        # data-only goodness of fit (fit_quality.json): largest chi2/ndf of the mixture vs
+        # each region's data and of each flavour's flow vs its EM target
+        "fit_quality": {"mixture_max": round(float(quality.mixture.max()), 3),
+                        "component_max": round(float(quality.component.max()), 3),
+                        "warnings": len(quality.warnings)},
         "seconds_fit": float(result.elapsed_s),
         "restarts": [{k: r[k] for k in ("restart", "seed", "objective", "selected")}
                      | {"fractions": np.round(r["fractions"], 4).tolist()}
