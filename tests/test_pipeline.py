@@ -258,6 +258,8 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     assert summary["mixture_max"] == pytest.approx(np.max(quality["mixture"]), abs=1e-3)
     assert summary["component_max"] == pytest.approx(np.max(quality["component"]), abs=1e-3)
     assert len(quality["mixture"]) == len(quality["regions"]) == 3
+    report_md = (finished.stages["closure"].folder / "report.md").read_text()
+    assert f"data vs fitted mixture {summary['mixture_max']:.2f}" in report_md
 
 
 # ----------------------------------------------------------------------------- caching

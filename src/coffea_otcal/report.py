@@ -374,7 +374,21 @@ def _summary(config: PipelineConfig, regions: Mapping[str, Any], per_flavour: An
         "rho_baseline": float(np.mean([r["rho"]["baseline"] for r in vr])) if hist_base else None,
         "mean_aitchison_displacement": float(np.mean([r["mean_aitchison_displacement"] for r in vr])),
         "stage_seconds": {k: round(v.seconds, 1) for k, v in results.items()},
+        # the EM's data-only goodness of fit (em/fit_quality.json), as the EM stage summarised it
+        "em_fit_quality": results["em"].summary.get("fit_quality") if "em" in results else None,
     }
+
+
+def _fit_quality_line(quality: Mapping[str, Any] | None) -> str:
+    """The report's line on the EM's data-only goodness of fit (docs/em.md)."""
+    if not quality:
+        return "- EM goodness of fit on the data: n/a (EM stage written before session 15)"
+    return (
+        f"- EM goodness of fit on the data (no truth needed; em/fit_quality.json): largest "
+        f"chi2/ndf data vs fitted mixture {quality['mixture_max']:.2f}, flow vs its EM target "
+        f"{quality['component_max']:.2f}, {quality['warnings']} above 2 (blind to the "
+        "fractions' flat direction, which the variation band covers)"
+    )
 
 
 def _markdown(summary: Mapping[str, Any], regions: Mapping[str, Any], per_flavour: Any) -> str:
@@ -400,6 +414,7 @@ def _markdown(summary: Mapping[str, Any], regions: Mapping[str, Any], per_flavou
         f"interval: {100 * summary['band_coverage_90']:.1f} %",
         f"- mean Aitchison displacement of the MC jets: {f(summary['mean_aitchison_displacement'])}",
         f"- stage wall times [s]: {summary['stage_seconds']}",
+        _fit_quality_line(summary.get("em_fit_quality")),
         "",
         "## Per region",
         "",
