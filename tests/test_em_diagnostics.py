@@ -289,3 +289,21 @@ def test_fit_quality_refuses_a_meaningless_binning(fitted):
 
     with pytest.raises(ValueError, match="bins >= 2"):
         fit_quality(fitted[0], bins=1)
+
+
+def test_fit_quality_flags_a_flow_that_misses_its_target(fitted):
+    import copy
+
+    from coffea_otcal.em_diagnostics import fit_quality
+    from coffea_otcal.flows import FlavourFlows
+
+    res, _ = fitted
+    flows = copy.deepcopy(res.flows)
+    torch.manual_seed(0)
+    fresh = FlavourFlows(flows.n_features, flows.n_context, flows.classes, flows.config)
+    flows.flows[0].load_state_dict(fresh.flows[0].state_dict())  # b: an untrained flow
+    good = fit_quality(res, bins=20)
+    bad = fit_quality(dataclasses.replace(res, flows=flows), bins=20)
+    assert bad.component[0].max() > 5 * good.component[0].max()
+    assert bad.component[2].max() < 2.5  # light's flow is untouched
+    assert any(note.startswith("flavour 'b': its flow misses") for note in bad.warnings)
