@@ -112,7 +112,7 @@ def _copy_run(result: PipelineResult, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_end_to_end_outputs(finished: PipelineResult) -> None:
+def test_end_to_end_outputs(finished: PipelineResult, capsys: pytest.CaptureFixture[str]) -> None:
     import correctionlib
 
     assert list(finished.stages) == list(STAGES)
@@ -260,6 +260,10 @@ def test_end_to_end_outputs(finished: PipelineResult) -> None:
     assert len(quality["mixture"]) == len(quality["regions"]) == 3
     report_md = (finished.stages["closure"].folder / "report.md").read_text()
     assert f"data vs fitted mixture {summary['mixture_max']:.2f}" in report_md
+    from coffea_otcal.run_cli import _print_result
+
+    _print_result(finished)
+    assert f"data vs mixture {summary['mixture_max']:.2f}" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- caching

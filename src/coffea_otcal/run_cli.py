@@ -32,6 +32,13 @@ def _print_result(result: Any) -> None:
     for name, stage in result.stages.items():
         how = "cached" if stage.cached else f"{stage.seconds:.1f} s"
         lines.append(f"  {name:<8} {how:>9}  {stage.folder}")
+    quality = result.stages["em"].summary.get("fit_quality") if "em" in result.stages else None
+    if quality:  # EM stages written before session 15 have none
+        lines.append(
+            f"EM fit on the data: largest chi2/ndf data vs mixture {quality['mixture_max']:.2f}, "
+            f"flow vs its EM target {quality['component_max']:.2f} "
+            f"({quality['warnings']} above 2; em/fit_quality.json)"
+        )
     if "ot" in result.stages:
         lines.append(f"bundle:        {result.bundle}")
     if "export" in result.stages:
