@@ -462,7 +462,7 @@ class FitQuality:
     * ``component[f, k]``: flavour ``f``'s flow against what the M-step fits, the data jets
       of every region weighted by :math:`w_i \hat\gamma_{r,i,f}` (eq. 17, 23). Above ~1
       the flow does not reach its own target, and the extracted density is less accurate
-      than the data allow (docs/em.md, 'What limits the b density').
+      than the data allow (docs/em.md, 'Goodness of fit without truth').
 
     Neither test sees the flat direction of the fractions (a mixture is unchanged by
     :math:`q' = A^{-1} q,\ \pi' = \pi A`); that is what the effective covariance is for.
