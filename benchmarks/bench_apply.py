@@ -220,6 +220,18 @@ def _no_reuse(self, flavour: int, variation: str = "nominal") -> str:
     return f"{flavour}/{variation}"
 
 
+class _IdentityMap:
+    """Stands in for a fitted map and moves nothing: the skim's cost without the network."""
+
+    def transport_unlimited(self, z, context=None, out=None):
+        out[...] = z
+        return out
+
+
+def _identity_map(self, flavour: int, variation: str = "nominal") -> _IdentityMap:
+    return _IdentityMap()
+
+
 def bench_reuse(bundle_path: Path, n_jets: int, repeat: int) -> None:
     """calibrate_columns of a pipeline bundle: copies of the nominal reused vs every map evaluated."""
     from coffea_otcal.applier import Calibrator
@@ -256,6 +268,7 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
     from coffea_otcal.generator import GeneratorConfig, generate
 
     reuse = Calibrator.map_digest
+    fitted = Calibrator.fitted_map
 
     sample = generate(GeneratorConfig(seed=2, scale=scale), tmp / "gen", progress=False)
     files = sorted(Path(f.path) for f in sample.files)
@@ -275,6 +288,10 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
         "calibrated, float32 maps": {"precision": "float32"},
         "calibrated, float64 maps, + probabilities": {"precision": "float64", "probabilities": True},
         "calibrated, float32 maps, + probabilities": {"precision": "float32", "probabilities": True},
+        # the floor of any calibrated skim: adapter, ILR, inverse ILR and every calibrated
+        # column written, with maps that move nothing (no network evaluated)
+        "identity maps, float32 (floor: every calibrated column written, no network)": {
+            "precision": "float32", "identity_maps": True},
         "calibrated, float64 maps, PICNN (32, 32) trunk (32, 32)": {
             "precision": "float64",
             "bundle_path": big_path,
@@ -299,6 +316,7 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
             path = options.pop("bundle_path", bundle_path)
             # class-level, so it reaches the calibrator the skim rebuilds from its JSON
             Calibrator.map_digest = _no_reuse if options.pop("no_reuse", False) else reuse  # type: ignore[method-assign]
+            Calibrator.fitted_map = _identity_map if options.pop("identity_maps", False) else fitted  # type: ignore[method-assign,assignment]
             wall, cpu, man = skim_dir(
                 files,
                 path,
@@ -310,6 +328,7 @@ def bench_skims(scale: float, repeat: int, chunksize: int, skip_dask: bool, tmp:
             if label == "calibrated, float64 maps":
                 manifest = man
     Calibrator.map_digest = reuse  # type: ignore[method-assign]
+    Calibrator.fitted_map = fitted  # type: ignore[method-assign]
     ref_wall = statistics.median(w for w, _ in times["without calibration"])
     ref_cpu = statistics.median(c for _, c in times["without calibration"])
     print("(maps: PICNN (16, 16) trunk (8, 8), the default with context, unless named)")
