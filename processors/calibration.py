@@ -34,7 +34,7 @@ __all__ = [
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from coffea.processor import ProcessorABC
 from coffea_otcal.applier import Calibrator, status_counts
 from coffea_otcal.atomic import atomic_path
 from coffea_otcal.bundle import Bundle
+from coffea_otcal.input_layout import InputLayout
 
 #: event-level branches copied to skims (when present).
 DEFAULT_EVENT_FIELDS = ("run", "luminosityBlock", "event")
@@ -85,9 +86,10 @@ def add_calibrated_columns(
     bundle_or_calibrator: Bundle | Calibrator | str | os.PathLike[str],
     *,
     is_data: bool | None = None,
-    collection: str = "Jet",
+    collection: str | None = None,
     variations: Sequence[str] | None = None,
     replace_nominal: bool = False,
+    layout: InputLayout | Mapping[str, Any] | None = None,
 ) -> Any:
     """Add the calibrated columns of a bundle to ``events[collection]`` (one line anywhere).
 
@@ -97,25 +99,67 @@ def add_calibrated_columns(
         bundle_or_calibrator: a Calibrator (reuse it across chunks), a Bundle or a path.
         is_data: data jets are never moved; None reads ``events.metadata["is_data"]`` or,
             failing that, treats events without the flavour field as data.
-        collection: the jet collection.
+        collection: the jet collection (default ``Jet``; with a ``layout``, its default:
+            PHYSLITE ``Jets``, flat ``jet``).
         variations: variation names (None: all).
         replace_nominal: also write the calibrated nominal into ``<col>`` and keep the
             original in ``<col>_orig`` (coffea's ``pt`` / ``pt_orig`` pattern).
+        layout: how the files store jets and tagger columns
+            (:class:`coffea_otcal.input_layout.InputLayout`: the fill configuration's
+            ``input``, e.g. ``{"format": "physlite", "btagging": {}}``); the bundle's
+            field names are read through its renames and b-tagging link. For a ``flat``
+            ntuple the outputs become per-event jagged fields ``<collection>_<field>``
+            (``jet_GN2v01_pb_otcal``, ``jet_OTCAL_<v>``), like its input branches.
 
     Returns:
         The same events object with the new jet fields.
     """
     calibrator = _as_calibrator(bundle_or_calibrator)
-    jets = events[collection]
+    if layout is None:
+        collection = collection or "Jet"
+        jets = events[collection]
+        if is_data is None:
+            is_data = _detect_is_data(events, jets, calibrator)
+        out = calibrator.calibrate_jets(jets, is_data=is_data, variations=variations)
+        originals = {c: jets[c] for c in calibrator.columns} if replace_nominal else {}
+        for field in out.fields:
+            events[collection, field] = out[field]
+        for col, values in originals.items():
+            events[collection, f"{col}_orig"] = values
+            events[collection, col] = out[f"{col}_otcal"]
+        return events
+    from coffea_otcal.input_layout import default_collection, layout_jets
+
+    layout = layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout)
+    collection = collection or default_collection(layout)
+    where = f"events of {dict(getattr(events, 'metadata', None) or {}).get('filename', 'this chunk')!r}"
     if is_data is None:
-        is_data = _detect_is_data(events, jets, calibrator)
+        metadata = getattr(events, "metadata", None) or {}
+        if "is_data" in metadata:
+            is_data = bool(metadata["is_data"])
+        else:
+            flavour = layout.file_field(calibrator.flavour_column)
+            if layout.format == "flat":
+                is_data = f"{collection}_{flavour}" not in events.fields
+            else:
+                is_data = collection not in events.fields or flavour not in events[collection].fields
+    needed = calibrator.data_columns if is_data else calibrator.input_columns
+    jets = layout_jets(events, layout, collection, needed, where, calibrator.adapter.columns)
     out = calibrator.calibrate_jets(jets, is_data=is_data, variations=variations)
-    originals = {c: jets[c] for c in calibrator.columns} if replace_nominal else {}
+
+    def put(field: str, values: Any) -> None:
+        target = layout.file_field(field) if field in calibrator.columns else field
+        if layout.format == "flat":
+            events[f"{collection}_{target}"] = values
+        else:
+            events[collection, target] = values
+
+    if replace_nominal:
+        for col in calibrator.columns:
+            put(f"{layout.file_field(col)}_orig", jets[col])
+            put(col, out[f"{col}_otcal"])
     for field in out.fields:
-        events[collection, field] = out[field]
-    for col, values in originals.items():
-        events[collection, f"{col}_orig"] = values
-        events[collection, col] = out[f"{col}_otcal"]
+        put(field, out[field])
     return events
 
 

@@ -50,6 +50,7 @@ from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
 from coffea_otcal.adapters import TaggerAdapter, get_adapter
+from coffea_otcal.input_layout import InputLayout, LayoutError, layout_jets, read_event_path
 from coffea_otcal.store import JET_FIELDS
 
 #: Default class name -> NanoAOD ``hadronFlavour`` code.
@@ -353,7 +354,11 @@ class ControlRegionProcessor(processor.ProcessorABC):
         adapter_options: options of :func:`coffea_otcal.adapters.get_adapter`.
         flavour_column: the truth-flavour jet field of MC (``hadronFlavour``).
         flavour_codes: class name -> truth code, default ``b: 5, c: 4, light: 0``.
-        jet_collection: the NanoEvents jet collection (``Jet``).
+        jet_collection: the NanoEvents jet collection (``Jet``; PHYSLITE ``Jets``; for a
+            flat ntuple the branch prefix without ``_``, e.g. ``jet``).
+        layout: how jets and tagger columns are stored (:class:`InputLayout`: ``nanoaod``
+            by default, ``physlite`` or ``flat``, field renames, a PHYSLITE b-tagging link);
+            the runner must read the files with its ``schema_class``.
         kinematics: jet fields stored as ``kin_*`` (``pt, eta, phi`` and any extra).
         latent_dim: number of ``latent_<i>`` jet fields to store (0: none).
         pt_min, abs_eta_max: kinematic preselection applied before the region
@@ -381,6 +386,7 @@ class ControlRegionProcessor(processor.ProcessorABC):
         flavour_column: str = "hadronFlavour",
         flavour_codes: Mapping[str, int] | None = None,
         jet_collection: str = "Jet",
+        layout: InputLayout | Mapping[str, Any] | None = None,
         kinematics: Sequence[str] = ("pt", "eta", "phi"),
         latent_dim: int = 0,
         pt_min: float | None = None,
@@ -410,6 +416,9 @@ class ControlRegionProcessor(processor.ProcessorABC):
         self.flavour_column = flavour_column
         self.flavour_codes = dict(flavour_codes or DEFAULT_FLAVOUR_CODES)
         self.jet_collection = jet_collection
+        self.layout = (
+            layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout or {})
+        )
         self.kinematics = tuple(kinematics)
         self.latent_dim = int(latent_dim)
         self.pt_min = pt_min
@@ -424,6 +433,21 @@ class ControlRegionProcessor(processor.ProcessorABC):
     def regions_of(self, dataset: str) -> list[str]:
         """Names of the regions a dataset fills."""
         return [name for name, spec in self.regions.items() if dataset in spec.datasets]
+
+    def _jet_names(self, dataset: str) -> list[str]:
+        """Every jet field a chunk of ``dataset`` reads (coffea-otcal's names)."""
+        names = [*self.adapter.read_columns, *self.kinematics]
+        names += [f"latent_{i}" for i in range(self.latent_dim)]
+        if not self.datasets[dataset].is_data:
+            names.append(self.flavour_column)
+        if self.pt_min is not None:
+            names.append("pt")
+        if self.abs_eta_max is not None:
+            names.append("eta")
+        for region in self.regions_of(dataset):
+            if region in self._expressions:
+                names += sorted(self._expressions[region].names)
+        return list(dict.fromkeys(names))
 
     def _field(self, collection: Any, name: str, where: str, what: str) -> np.ndarray:
         fields = collection.fields
@@ -453,7 +477,10 @@ class ControlRegionProcessor(processor.ProcessorABC):
                 for name in expr.names
             }
             return expr(env) if env else expr({"_n": np.zeros(n)})
-        mask = spec.selection(events, jets)
+        # a callable sees the file's whole collection when the layout has one (NanoAOD,
+        # PHYSLITE), as in any coffea processor; for a flat ntuple, the jets read
+        whole = events[self.jet_collection] if self.jet_collection in events.fields else jets
+        mask = spec.selection(events, whole)
         mask = np.asarray(
             ak.to_numpy(ak.flatten(mask, axis=1) if mask.ndim > 1 else mask), dtype=bool
         )
@@ -476,10 +503,13 @@ class ControlRegionProcessor(processor.ProcessorABC):
             msg = f"dataset {dataset!r} is in no region; add it to a region's datasets"
             raise ValueError(msg)
         spec = self.datasets[dataset]
-        if self.jet_collection not in events.fields:
-            msg = f"collection {self.jet_collection!r} (branches {self.jet_collection}_*) is missing in {where}"
-            raise BadInputError(msg)
-        jets = events[self.jet_collection]
+        try:
+            jets = layout_jets(
+                events, self.layout, self.jet_collection, self._jet_names(dataset), where,
+                tagger_columns=self.adapter.columns,
+            )
+        except LayoutError as err:
+            raise BadInputError(str(err)) from err
         counts = np.asarray(ak.to_numpy(ak.num(jets, axis=1)), dtype=np.int64)
         n_jets = int(counts.sum())
         entrystart = int(meta.get("entrystart", 0))
@@ -506,7 +536,10 @@ class ControlRegionProcessor(processor.ProcessorABC):
         if spec.is_data or spec.weight is None:
             event_weight = np.ones(len(counts))
         else:
-            event_weight = self._field(events, spec.weight, where, "event").astype(np.float64)
+            try:
+                event_weight = read_event_path(events, spec.weight, where).astype(np.float64)
+            except LayoutError as err:
+                raise BadInputError(str(err)) from err
         event_weight = event_weight * spec.scale
         weight = np.repeat(event_weight, counts)
 

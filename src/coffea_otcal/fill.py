@@ -55,7 +55,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -63,6 +63,14 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from coffea_otcal.config import ConfigError, read_config_file, validate_model
+from coffea_otcal.input_layout import (
+    InputLayout,
+    default_collection,
+    event_branch_candidates,
+    jet_branch_candidates,
+    link_branch_candidates,
+    tagger_branch_candidates,
+)
 from coffea_otcal.store import BadFile, Cutflow, DatasetInfo, RegionInfo, StoreMetadata
 
 logger = logging.getLogger(__name__)
@@ -78,7 +86,10 @@ class DatasetConfig(_Model):
     files: list[str] = Field(min_length=1, description="ROOT files (globs allowed)")
     is_data: bool = Field(default=False, description="collision data (no truth, unit weights)")
     tree: str = Field(default="Events", description="event tree name")
-    weight: str | None = Field(default="genWeight", description="MC event-weight branch or null")
+    weight: str | None = Field(
+        default="genWeight",
+        description="MC event weight: a branch, or a path such as EventInfo.mcEventWeights[0]; null: 1",
+    )
     scale: float = Field(default=1.0, gt=0, description="factor on every weight (xsec*lumi/sumw)")
 
 
@@ -127,13 +138,23 @@ class FillConfig(_Model):
     output: str = Field(description="the parquet store to write")
     flavour_column: str = "hadronFlavour"
     flavour_codes: dict[str, int] | None = Field(default=None, description="class -> truth code")
-    jet_collection: str = "Jet"
+    input: InputLayout = Field(
+        default_factory=InputLayout, description="file layout: nanoaod, physlite or flat"
+    )
+    jet_collection: str | None = Field(
+        default=None, description="jet collection (default Jet, PHYSLITE Jets, flat jet)"
+    )
     kinematics: list[str] = Field(default_factory=lambda: ["pt", "eta", "phi"])
     latent: int | Literal["auto"] = Field(default=0, description="latent_<i> columns (auto: all)")
     preselection: PreselectionConfig = Field(default_factory=PreselectionConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     skip_bad_files: bool = False
     seed: int = 0
+
+    @property
+    def collection(self) -> str:
+        """The jet collection read: ``jet_collection`` or the layout's default."""
+        return self.jet_collection or default_collection(self.input)
 
 
 def _cross_check(raw: Mapping[str, Any]) -> list[str]:
@@ -238,15 +259,17 @@ def _resolve_paths(config: FillConfig, base: Path) -> FillConfig:
     return config.model_copy(update={"datasets": datasets, "output": str(output)})
 
 
-def required_branches(config: FillConfig, dataset: str, latent_dim: int = 0) -> list[str]:
-    """The branches a dataset's files must hold for this configuration."""
+def required_branches(
+    config: FillConfig, dataset: str, latent_dim: int = 0
+) -> list[str | tuple[str, ...]]:
+    """The branches a dataset's files must hold (a tuple: any one of its spellings)."""
     from coffea_otcal.adapters import get_adapter
     from coffea_otcal.processors.control_region import SelectionExpression
 
     ds = config.datasets[dataset]
-    coll = config.jet_collection
-    jet = list(get_adapter(config.adapter.name, **config.adapter.options).columns)
-    jet += config.kinematics + [f"latent_{i}" for i in range(latent_dim)]
+    coll, layout = config.collection, config.input
+    tagger = list(get_adapter(config.adapter.name, **config.adapter.options).columns)
+    jet = config.kinematics + [f"latent_{i}" for i in range(latent_dim)]
     if not ds.is_data:
         jet.append(config.flavour_column)
     if config.preselection.pt_min is not None:
@@ -256,10 +279,14 @@ def required_branches(config: FillConfig, dataset: str, latent_dim: int = 0) -> 
     for region in config.regions.values():
         if dataset in region.datasets and region.selection:
             jet += sorted(SelectionExpression(region.selection).names)
-    branches = [f"n{coll}", *dict.fromkeys(f"{coll}_{name}" for name in jet)]
+    branches: list[str | tuple[str, ...]] = [f"n{coll}"] if layout.format == "nanoaod" else []
+    branches += [tagger_branch_candidates(layout, coll, name) for name in tagger]
+    branches += [jet_branch_candidates(layout, coll, name) for name in dict.fromkeys(jet)]
+    if layout.btagging is not None:
+        branches.append(link_branch_candidates(layout, coll))
     if not ds.is_data and ds.weight:
-        branches.append(ds.weight)
-    return branches
+        branches.append(event_branch_candidates(layout, ds.weight))
+    return [b[0] if len(b) == 1 and isinstance(b, tuple) else b for b in dict.fromkeys(branches)]
 
 
 class FileCheck(NamedTuple):
@@ -271,13 +298,14 @@ class FileCheck(NamedTuple):
     uuid: bytes | None
 
 
-def check_file(path: str, tree: str, branches: list[str]) -> FileCheck:
+def check_file(path: str, tree: str, branches: Sequence[str | tuple[str, ...]]) -> FileCheck:
     """Open one input file and check it can be filled from.
 
     Arguments:
         path: the file (local path or URL uproot opens).
         tree: the event tree name.
-        branches: branches the fill reads (:func:`required_branches`).
+        branches: branches the fill reads (:func:`required_branches`; a tuple is satisfied
+            by any one of its names).
 
     Returns:
         A :class:`FileCheck`; its ``problem`` (None when the file is good) names the file,
@@ -307,12 +335,18 @@ def check_file(path: str, tree: str, branches: list[str]) -> FileCheck:
             names = list(ttree.keys())
             if isinstance(ttree, uproot.behaviors.RNTuple.HasFields):
                 # RNTuple fields are Jet.pt; coffea reads them as the TTree's Jet_pt / nJet
-                names = [n.replace(".", "_") for n in names] + [
+                # (other layouts keep the dotted names: both spellings are accepted)
+                names = names + [n.replace(".", "_") for n in names] + [
                     f"n{n}"
                     for n in names
                     if "." not in n and any(m.startswith(f"{n}.") for m in names)
                 ]
-            missing = [b for b in branches if b not in names]
+            present = set(names)
+            missing = [
+                b if isinstance(b, str) else " or ".join(b)
+                for b in branches
+                if (b not in present if isinstance(b, str) else not present.intersection(b))
+            ]
             if missing:
                 problem = (
                     f"{path}: tree {tree!r} lacks the branches {missing}; check the adapter, "
@@ -432,10 +466,10 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
     """
     from coffea import processor
 
+    from coffea_otcal.input_layout import schema_class
     from coffea_otcal.processors.control_region import (
         BadInputError,
         ControlRegionProcessor,
-        ControlRegionSchema,
     )
     from coffea_otcal.store import write_store, writer_info
 
@@ -451,7 +485,7 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
             ),
             [],
         )
-        prefix = f"{config.jet_collection}_latent_"
+        prefix = f"{config.collection}_latent_"
         latent = sum(1 for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit())
     problems: list[BadFile] = []
     entries: dict[str, int] = {}
@@ -459,10 +493,10 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
     # the checks give what coffea's preprocessing would fetch: pre-fill its cache
     metadata_cache: dict[Any, dict[str, Any]] = {}
     for name, ds in config.datasets.items():
-        branches = required_branches(config, name, latent)
+        required = required_branches(config, name, latent)
         good = []
         for path in ds.files:
-            check = check_file(path, ds.tree, branches)
+            check = check_file(path, ds.tree, required)
             if check.problem is None:
                 good.append(path)
                 entries[path] = check.entries
@@ -492,7 +526,8 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
         adapter_options=config.adapter.options,
         flavour_column=config.flavour_column,
         flavour_codes=config.flavour_codes,
-        jet_collection=config.jet_collection,
+        jet_collection=config.collection,
+        layout=config.input,
         kinematics=config.kinematics,
         latent_dim=latent,
         pt_min=config.preselection.pt_min,
@@ -508,7 +543,7 @@ def run_fill(config: FillConfig, *, progress: bool = True) -> FillReport:
         warnings.filterwarnings("always", message="Skipping bad file", category=UserWarning)
         runner = processor.Runner(
             executor,
-            schema=ControlRegionSchema,
+            schema=schema_class(config.input),
             chunksize=ex.chunksize,
             maxchunks=ex.maxchunks,
             skipbadfiles=read_errors if config.skip_bad_files else False,
