@@ -360,3 +360,32 @@ def test_float32_calibrator_writes_float32_columns(sample: list[Path], bundle_pa
     assert len(lo) > 100
     np.testing.assert_allclose(ak.to_numpy(lo), ak.to_numpy(hi), rtol=1e-5, atol=1e-6)
     assert ak.flatten(out[np.float32].otcal_status).type == ak.flatten(out[np.float64].otcal_status).type
+
+
+def test_keep_jet_fields(sample: list[Path], bundle_path: Path, tmp_path: Path) -> None:
+    """--keep-jet all keeps every Jet_* branch of the inputs; a list keeps exactly it."""
+    import uproot
+
+    out = tmp_path / "all"
+    code = main(["apply", str(bundle_path), str(sample[2]), "-o", str(out), "--no-progress",
+                 "--keep-jet", "all", "--keep-event", "event,genWeight", "--variations", ""])
+    assert code == 0
+    manifest = json.loads((out / SKIM_MANIFEST).read_text())
+    with uproot.open(sample[2]) as f:
+        names = f["Events"].keys()
+        jet_id = f["Events"]["Jet_jetId"].array()
+    branches = [b[4:] for b in names if b.startswith("Jet_")]
+    assert "jetId" in branches
+    assert manifest["jet_fields"] == branches
+    part = next(iter(read_parts(out).values()))
+    assert part.fields == ["event", "genWeight", "Jet"]
+    assert set(branches) < set(part.Jet.fields)
+    np.testing.assert_array_equal(ak.flatten(part.Jet.jetId), ak.flatten(jet_id))
+    narrow = tmp_path / "narrow"
+    run_skim(bundle_path, [sample[2]], narrow, progress=False, jet_fields=["pt"], variations=[])
+    part = next(iter(read_parts(narrow).values()))
+    # exactly the fields asked for, besides the tagger, flavour and calibrated ones
+    assert part.Jet.fields[:5] == ["pt", "hadronFlavour", "btagDeepFlavB", "btagDeepFlavCvL",
+                                   "btagDeepFlavCvB"]
+    assert "eta" not in part.Jet.fields
+    assert "mass" not in part.Jet.fields

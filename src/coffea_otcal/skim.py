@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 from coffea_otcal.applier import Calibrator
 from coffea_otcal.bundle import WriterInfo
+from coffea_otcal.processors.calibration import DEFAULT_EVENT_FIELDS, DEFAULT_JET_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,15 @@ def _check_inputs(
     collection: str,
     is_data: bool | None,
     data_glob: str | None,
-) -> dict[str, dict[str, Any]]:
-    """Open every file once: tree and tagger branches present; decide data/MC; fileset."""
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Open every file once: tree and tagger branches present; decide data/MC; fileset.
+
+    Returns the fileset and the jet fields every file stores (``Jet_<f>``), in file order.
+    """
     import uproot
 
     fileset: dict[str, dict[str, Any]] = {}
+    common: list[str] | None = None
     for name in files:
         path = Path(name)
         if not path.is_file():
@@ -90,7 +95,11 @@ def _check_inputs(
             if treename not in handle:
                 msg = f"{str(path)!r} has no tree {treename!r}; keys: {handle.keys()[:20]}"
                 raise ValueError(msg)
-            branches = set(handle[treename].keys())
+            names = list(handle[treename].keys())
+            branches = set(names)
+        prefix = f"{collection}_"
+        stored = [b[len(prefix) :] for b in names if b.startswith(prefix)]
+        common = stored if common is None else [f for f in common if f in set(stored)]
         missing = [c for c in calibrator.data_columns if not _has_field(branches, collection, c)]
         if missing:
             msg = (
@@ -120,7 +129,7 @@ def _check_inputs(
     if not fileset:
         msg = "no input files given"
         raise ValueError(msg)
-    return fileset
+    return fileset, common or []
 
 
 @contextlib.contextmanager
@@ -200,6 +209,8 @@ def run_skim(
     malloc_trim_threshold: MallocTrim = DEFAULT_MALLOC_TRIM_THRESHOLD,
     precision: Literal["float64", "float32"] = "float32",
     probabilities: bool = False,
+    jet_fields: Sequence[str] | Literal["all"] = DEFAULT_JET_FIELDS,
+    event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
 ) -> dict[str, Any]:
     """Calibrate ``files`` with ``bundle`` and write a skim folder ``output`` atomically.
 
@@ -230,6 +241,10 @@ def run_skim(
         probabilities: also write the calibrated probabilities ``p_<class>_otcal`` and
             ``OTCAL_<v>.up/down.p_<class>``; by default the skim holds the tagger's own
             calibrated columns, from which the adapter recovers them exactly.
+        jet_fields: jet fields kept besides the tagger, flavour and calibrated columns
+            (default ``pt, eta, phi, mass``), or ``"all"``: every ``Jet_*`` branch that every
+            input file stores (an analysis skim of the whole jet collection).
+        event_fields: event-level branches kept (default ``run, luminosityBlock, event``).
 
     Returns:
         The manifest written to ``output/otcal_skim.json``.
@@ -244,7 +259,8 @@ def run_skim(
     if out.exists() and not overwrite:
         msg = f"skim output {str(out)!r} exists; remove it or pass --overwrite"
         raise FileExistsError(msg)
-    fileset = _check_inputs(files, calibrator, treename, collection, is_data, data_glob)
+    fileset, stored = _check_inputs(files, calibrator, treename, collection, is_data, data_glob)
+    kept = stored if jet_fields == "all" else list(jet_fields)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir(parents=True)
     start = time.perf_counter()
@@ -257,6 +273,8 @@ def run_skim(
             variations=variations,
             calibrate=calibrate,
             probabilities=probabilities,
+            jet_fields=kept,
+            event_fields=list(event_fields),
             data_datasets=[name for name, e in fileset.items() if e["metadata"]["is_data"]],
         )
         # coffea's rich bars render their final state even when disabled: swallow them.
@@ -280,6 +298,8 @@ def run_skim(
                 for name, entry in fileset.items()
             },
             "variations": list(variations) if variations is not None else calibrator.variations,
+            "jet_fields": kept,
+            "event_fields": list(event_fields),
             "events": int(result.get("events", 0)),
             "jets": int(result.get("jets", 0)),
             "status": dict(result.get("status", {})),
@@ -364,6 +384,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the calibrated probabilities p_<class> (default: the tagger's own "
         "calibrated columns only, from which the adapter recovers them)",
     )
+    parser.add_argument(
+        "--keep-jet",
+        default=None,
+        help="comma-separated jet fields kept besides the tagger, flavour and calibrated ones "
+        "(default: pt,eta,phi,mass), or 'all': every Jet_* branch of the inputs",
+    )
+    parser.add_argument(
+        "--keep-event",
+        default=None,
+        help="comma-separated event branches kept (default: run,luminosityBlock,event)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
@@ -374,6 +405,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dynamic default) or 'distributed' (65536, distributed's setting); default: "
         f"{DEFAULT_MALLOC_TRIM_THRESHOLD or 'distributed'}",
     )
+
+
+def _fields_option(text: str | None, default: Sequence[str], allow_all: bool) -> Any:
+    if text is None:
+        return list(default)
+    if text.strip() == "all":
+        if not allow_all:
+            msg = "--keep-event takes field names, not 'all'"
+            raise SystemExit(msg)
+        return "all"
+    return [f.strip() for f in text.split(",") if f.strip()]
 
 
 def _trim_option(text: str) -> MallocTrim:
@@ -414,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         probabilities=args.probabilities,
         malloc_trim_threshold=args.malloc_trim_threshold,
+        jet_fields=_fields_option(args.keep_jet, DEFAULT_JET_FIELDS, allow_all=True),
+        event_fields=_fields_option(args.keep_event, DEFAULT_EVENT_FIELDS, allow_all=False),
     )
     sys.stdout.write(
         f"{args.output}: {len(manifest['parts'])} parts, {manifest['events']} events, "
