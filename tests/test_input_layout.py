@@ -271,3 +271,20 @@ def test_applier_reads_every_layout_the_same(files) -> None:
                                   ref_up)
     # the flat ntuple's jet multiplicities are kept
     np.testing.assert_array_equal(ak.num(flat["jet_GN2v01_pb_otcal"]), ak.num(flat["jet_eta"]))
+
+
+def test_pipeline_context_follows_physlite_units(files) -> None:
+    """The default pt validity range is in MeV for PHYSLITE input; an explicit one is kept."""
+    from coffea_otcal.pipeline import PipelineConfig
+
+    fill = _config(files["physlite"], "CollectionTree", "EventInfo.mcEventWeights[0]",
+                   input={"format": "physlite"})
+    fill["regions"]["vr"] = {"datasets": ["mc", "data"]}
+    config = PipelineConfig.model_validate({"fill": fill})
+    ranges = {c.column: (c.low, c.high) for c in config.context}
+    assert ranges == {"pt": (20_000.0, 1_000_000.0), "eta": (0.0, 2.5)}
+    nano = PipelineConfig.model_validate({"fill": {**fill, "input": {}}})
+    assert {c.column: c.low for c in nano.context}["pt"] == 20.0
+    mine = [{"name": "log_pt", "column": "pt", "transform": "log", "low": 25.0, "high": 500.0}]
+    explicit = PipelineConfig.model_validate({"fill": fill, "context": mine})
+    assert [(c.low, c.high) for c in explicit.context] == [(25.0, 500.0)]

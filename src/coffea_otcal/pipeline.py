@@ -176,7 +176,10 @@ class PipelineConfig(_Model):
         default=None, description="regions used by EM (default: all but the validation regions)"
     )
     validation_regions: list[str] = Field(default_factory=lambda: ["vr"])
-    context: list[ContextSpec] = Field(default_factory=_default_context)
+    context: list[ContextSpec] = Field(
+        default_factory=_default_context,
+        description="default: log pt in 20-1000 GeV (20000-1e6 MeV for PHYSLITE input) and |eta| < 2.5",
+    )
     em: EMConfig = Field(
         default_factory=lambda: EMConfig(shape_warmup=5),
         description="EM settings; the pipeline holds the fractions for 5 shape-only iterations",
@@ -196,6 +199,13 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _check_regions(self) -> PipelineConfig:
+        if "context" not in self.model_fields_set and self.fill.input.format == "physlite":
+            # PHYSLITE stores momenta in MeV: the default pt validity range follows
+            self.context = [
+                c.model_copy(update={"low": c.low * 1e3, "high": c.high * 1e3})
+                if c.column == "pt" else c
+                for c in self.context
+            ]
         regions = set(self.fill.regions)
         problems = [
             f"validation_regions: {r!r} is not a fill region {sorted(regions)}"
