@@ -15,7 +15,10 @@ Variants:
 * ``purer_data``: pseudo-data *purer* than the MC in every control region (the demo's is less
   pure), e.g. cr_b 0.93 b in data against 0.90 in MC;
 * ``low_pt_mismodelling``: the smearing grows towards low pT (slope -0.3 instead of +0.3),
-  twice the secondary-vertex loss, strength 1.0.
+  twice the secondary-vertex loss, strength 1.0;
+* ``gn2_physlite``: the ``gn2_float`` sample written in the ATLAS PHYSLITE layout (MeV,
+  ``AnalysisJetsAuxDyn.*``, GN2 scores in a linked ``BTagging_AntiKt4EMPFlow`` container,
+  ``EventInfo.mcEventWeights``), read with ``input.format: physlite``.
 
 Usage::
 
@@ -35,7 +38,7 @@ from coffea_otcal.run_cli import _truth, demo_config, demo_generator_config, wri
 
 SEED = 1
 #: every variant, in the order of the docs' table (the default when none is named).
-VARIANTS = ("upart", "gn2_float", "purer_data", "low_pt_mismodelling")
+VARIANTS = ("upart", "gn2_float", "purer_data", "low_pt_mismodelling", "gn2_physlite")
 
 
 def variant_config(name: str) -> GeneratorConfig:
@@ -45,6 +48,8 @@ def variant_config(name: str) -> GeneratorConfig:
         return base.model_copy(update={"tagger": "upart"})
     if name == "gn2_float":
         return base.model_copy(update={"tagger": "gn2", "quantise": False})
+    if name == "gn2_physlite":  # the same sample as gn2_float, in the PHYSLITE layout
+        return base.model_copy(update={"tagger": "gn2", "quantise": False, "layout": "physlite"})
     if name == "purer_data":
         data = {"cr_b": (0.93, 0.03, 0.04), "cr_c": (0.04, 0.91, 0.05), "cr_light": (0.03, 0.07, 0.90)}
         regions = {

@@ -288,3 +288,24 @@ def test_pipeline_context_follows_physlite_units(files) -> None:
     mine = [{"name": "log_pt", "column": "pt", "transform": "log", "low": 25.0, "high": 500.0}]
     explicit = PipelineConfig.model_validate({"fill": fill, "context": mine})
     assert [(c.low, c.high) for c in explicit.context] == [(25.0, 500.0)]
+
+
+def test_generated_physlite_sample_fills_like_its_nanoaod_twin(tmp_path) -> None:
+    """`coffea-otcal generate --layout physlite` and the demo's configuration for it."""
+    from coffea_otcal.generator import GeneratorConfig, generate
+    from coffea_otcal.run_cli import demo_config
+
+    stores = {}
+    for layout in ("nanoaod", "physlite"):
+        cfg = GeneratorConfig(seed=3, scale=0.02, tagger="gn2", quantise=False, layout=layout)
+        sample = generate(cfg, tmp_path / layout, progress=False)
+        config = demo_config(sample, seed=1)
+        fill = config.fill.model_copy(update={"output": str(tmp_path / f"{layout}.parquet")})
+        stores[layout] = load_store(run_fill(fill, progress=False).output)
+    nano, lite = stores["nanoaod"], stores["physlite"]
+    assert len(nano) == len(lite) > 5000
+    for name in ("region", "dataset", "valid", "flavour", "weight", "entry", "jet_index",
+                 "p_b", "p_c", "p_light", "kin_eta"):
+        np.testing.assert_array_equal(lite.column(name), nano.column(name), err_msg=name)
+    np.testing.assert_allclose(lite.column("kin_pt"), 1e3 * nano.column("kin_pt"), rtol=1e-6)
+    assert lite.metadata.flavour_column == "HadronConeExclTruthLabelID"

@@ -13,6 +13,13 @@ stored per jet as flat NanoAOD-style branches ``Jet_latent_0 ... Jet_latent_{d-1
 read them with ``warn_missing_crossrefs = False`` on the NanoAODSchema (sub)class to
 silence coffea's warnings about missing Electron/Muon/... cross-references.
 
+With ``layout="physlite"`` (``--layout physlite``) the same jets are written in the ATLAS
+DAOD_PHYSLITE layout instead (:func:`_write_physlite`): tree ``CollectionTree``,
+``AnalysisJetsAuxDyn.*`` in MeV, the truth label ``HadronConeExclTruthLabelID``, the tagger
+columns in a ``BTagging_AntiKt4EMPFlow`` container linked from each jet, and
+``EventInfoAuxDyn.{runNumber, eventNumber, mcEventWeights}``: a sample with known truth for
+the ``physlite`` input layout (``docs/store.md``).
+
 Truth (all of it, also for pseudo-data) goes to sidecars, never into the data files:
 ``truth.json`` (configuration, configured and realised flavour fractions per region for MC
 and data, counts, file list, versions) and ``truth_jets.parquet`` (one row per jet keyed by
@@ -226,7 +233,7 @@ class GeneratedFile(_Model):
     dataset: str = Field(description="file stem, e.g. mc_cr_b")
     region: str
     is_data: bool
-    path: str = Field(description="absolute path of the ROOT file (tree Events)")
+    path: str = Field(description="absolute path of the ROOT file (tree Events; PHYSLITE: CollectionTree)")
     n_events: int
     n_jets: int
     flavour_counts: dict[str, int] = Field(description="truth jets per class b, c, light")
@@ -251,10 +258,10 @@ class GeneratedSample(_Model):
         raise KeyError(msg)
 
     def fileset(self) -> dict[str, dict[str, Any]]:
-        """A coffea fileset: ``{dataset: {"files": {path: "Events"}, "metadata": {...}}}``."""
+        """A coffea fileset: ``{dataset: {"files": {path: tree}, "metadata": {...}}}``."""
         return {
             f.dataset: {
-                "files": {f.path: "Events"},
+                "files": {f.path: self.config.tree},
                 "metadata": {"region": f.region, "is_data": f.is_data},
             }
             for f in self.files
@@ -308,6 +315,9 @@ def _write_root(
             flat[f"{prefix}_{i}"] = np.ascontiguousarray(jets["latent"][:, i])
     n_events = counts.shape[0]
     event = np.arange(first_event, first_event + n_events, dtype=np.uint64)
+    if config.layout == "physlite":
+        _write_physlite(path, jets, columns, counts, event, is_data, config)
+        return
     tree = {
         "run": np.full(n_events, 370_001 if is_data else 1, dtype=np.uint32),
         "luminosityBlock": (1 + (event - np.uint64(first_event)) // np.uint64(500)).astype(
@@ -321,6 +331,67 @@ def _write_root(
     compression = None if "latent" in jets else uproot.ZLIB(1)
     with atomic_path(path) as tmp, uproot.recreate(tmp, compression=compression) as out:
         out.mktree("Events", tree, title="Events")  # a TTree, as NanoAOD (not an RNTuple)
+
+
+def _write_physlite(
+    path: Path,
+    jets: dict[str, np.ndarray],
+    columns: dict[str, np.ndarray],
+    counts: np.ndarray,
+    event: np.ndarray,
+    is_data: bool,
+    config: GeneratorConfig,
+) -> None:
+    """The ATLAS DAOD_PHYSLITE layout that coffea's ``PHYSLITESchema`` reads.
+
+    ``CollectionTree`` with ``AnalysisJetsAuxDyn.{pt, eta, phi, m}`` (MeV),
+    ``AnalysisJetsAuxDyn.HadronConeExclTruthLabelID`` (MC), the tagger columns in the
+    container ``BTagging_AntiKt4EMPFlowAuxDyn.*`` in a per-event order of their own, reached
+    through ``AnalysisJetsAuxDyn.btaggingLink.m_persIndex`` (as in the derivations), and
+    ``EventInfoAuxDyn.{runNumber, eventNumber, mcEventWeights}``. uproot writes jagged
+    branches with a counter per collection where Athena writes ``std::vector``.
+    """
+    import awkward as ak
+    import uproot
+
+    rng = np.random.default_rng([config.seed, int(event[0]) % 2**32, 7])
+    n = int(counts.sum())
+    event_of_jet = np.repeat(np.arange(counts.shape[0]), counts)
+    start = np.repeat(np.cumsum(counts) - counts, counts)
+    # the b-tagging objects of an event in a random order; jet j links to its own object
+    btag_order = np.lexsort((rng.random(n), event_of_jet))
+    link = np.empty(n, dtype=np.uint32)
+    link[btag_order] = (np.arange(n) - start).astype(np.uint32)
+    ajets: dict[str, np.ndarray] = {
+        "pt": (jets["pt"] * 1e3).astype(np.float32),
+        "eta": jets["eta"].astype(np.float32),
+        "phi": jets["phi"].astype(np.float32),
+        "m": (jets["mass"] * 1e3).astype(np.float32),
+        "btaggingLink.m_persKey": np.full(n, 0x2A5D3F1, dtype=np.uint32),
+        "btaggingLink.m_persIndex": link,
+    }
+    if not is_data:
+        ajets["HadronConeExclTruthLabelID"] = jets["flavour"].astype(np.int32)
+    btag = {k: np.ascontiguousarray(v[btag_order]) for k, v in columns.items()}
+    branches: dict[str, Any] = {
+        "AnalysisJets": ak.unflatten(ak.zip(ajets), counts),
+        "BTagging_AntiKt4EMPFlow": ak.unflatten(ak.zip(btag), counts),
+        "EventInfoAuxDyn.runNumber": np.full(len(counts), 440_000 if is_data else 410_000, np.uint32),
+        "EventInfoAuxDyn.eventNumber": event,
+    }
+    if not is_data:
+        weights = np.full(len(counts), config.mc_gen_weight, dtype=np.float32)
+        one = np.ones(len(counts), dtype=np.int64)
+        branches["EventInfo"] = ak.zip({"mcEventWeights": ak.unflatten(weights, one)})
+    with atomic_path(path) as tmp, uproot.recreate(tmp, compression=uproot.ZLIB(1)) as out:
+        out.mktree(
+            "CollectionTree",
+            {k: (v.type.content if isinstance(v, ak.Array) else v.dtype) for k, v in branches.items()},
+            field_name=lambda outer, inner: f"{outer}AuxDyn.{inner}",
+            counter_name=lambda counted: f"n{counted}",
+            title="CollectionTree",
+        )
+        out["CollectionTree"].extend(branches)
 
 
 def _writer_info() -> dict[str, str]:
@@ -445,6 +516,7 @@ def _truth_document(config: GeneratorConfig, files: list[GeneratedFile]) -> dict
             "columns": list(adapter.columns),
             "classes": list(adapter.classes),
             "quantised": config.quantise,
+            "layout": config.layout,
             "mantissa_bits": config.mantissa_bits,
         },
         "flavour_codes": dict(zip(CLASSES, lt.FLAVOUR_CODES, strict=True)),
@@ -475,6 +547,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-dim", type=int, help="latent dimension (default 128)")
     parser.add_argument("--mismodelling", type=float, help="mismodelling strength (0 = none)")
     parser.add_argument("--no-quantise", action="store_true", help="store full float32 scores")
+    parser.add_argument(
+        "--layout", choices=["nanoaod", "physlite"], help="file layout (default nanoaod)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -482,7 +557,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``coffea-otcal generate``; prints one line per written file."""
     base = GeneratorConfig.from_file(args.config) if args.config else GeneratorConfig()
     data = base.model_dump()
-    overrides = {"seed": args.seed, "scale": args.scale, "tagger": args.tagger}
+    overrides = {
+        "seed": args.seed, "scale": args.scale, "tagger": args.tagger, "layout": args.layout
+    }
     data.update({k: v for k, v in overrides.items() if v is not None})
     if args.jets is not None:
         for reg in data["regions"].values():

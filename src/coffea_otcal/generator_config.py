@@ -175,6 +175,23 @@ class GeneratorConfig(_Model):
     quantise: bool = Field(default=True, description="NanoAOD reduced precision of scores")
     mantissa_bits: int = Field(default=10, ge=1, le=23, description="stored mantissa bits")
     mc_gen_weight: float = Field(default=1.0, description="genWeight of every MC event")
+    layout: Literal["nanoaod", "physlite"] = Field(
+        default="nanoaod",
+        description="file layout: NanoAOD (Events, Jet_*) or ATLAS PHYSLITE (CollectionTree, "
+        "AnalysisJetsAuxDyn.*, MeV, scores in a linked BTagging container)",
+    )
+
+    @model_validator(mode="after")
+    def _physlite_without_latent(self) -> GeneratorConfig:
+        if self.layout == "physlite" and self.latent.enabled:
+            msg = "the latent mode writes NanoAOD-style Jet_latent_* branches: use layout nanoaod"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def tree(self) -> str:
+        """The event tree of the layout."""
+        return "CollectionTree" if self.layout == "physlite" else "Events"
 
     @field_validator("regions")
     @classmethod

@@ -82,14 +82,22 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_config(sample: Any, seed: int) -> PipelineConfig:
     """The pipeline configuration of the demo on a generated sample."""
-    datasets = {f.dataset: {"files": [f.path], "is_data": f.is_data,
-                            "weight": None if f.is_data else "genWeight"} for f in sample.files}
+    physlite = sample.config.layout == "physlite"
+    weight = "EventInfo.mcEventWeights[0]" if physlite else "genWeight"
+    datasets = {f.dataset: {"files": [f.path], "is_data": f.is_data, "tree": sample.config.tree,
+                            "weight": None if f.is_data else weight} for f in sample.files}
     regions: dict[str, dict[str, Any]] = {}
     for f in sample.files:
         regions.setdefault(f.region, {"datasets": []})["datasets"].append(f.dataset)
+    fill: dict[str, Any] = {
+        "datasets": datasets, "regions": regions, "adapter": demo_adapter(sample.config),
+        "output": "store.parquet", "kinematics": ["pt", "eta"],
+    }
+    if physlite:  # the generator's PHYSLITE layout: scores in the linked BTagging container
+        fill |= {"input": {"format": "physlite", "btagging": {}},
+                 "flavour_column": "HadronConeExclTruthLabelID"}
     raw = {
-        "fill": {"datasets": datasets, "regions": regions, "adapter": demo_adapter(sample.config),
-                 "output": "store.parquet", "kinematics": ["pt", "eta"]},
+        "fill": fill,
         "validation_regions": ["vr"],
         "seed": seed,
         # the demo's budget: a few minutes on a 2-core CPU (docs/methods.md lists what a
