@@ -246,6 +246,7 @@ def skim_columns(
     event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
     flat_names: bool = False,
     probabilities: bool = False,
+    layout: InputLayout | None = None,
 ) -> tuple[dict[str, Any], dict[str, int] | None]:
     """Skim record of one chunk from flat columns: flatten once, numpy, build the layout once.
 
@@ -261,6 +262,9 @@ def skim_columns(
         event_fields: event-level fields kept when present.
         flat_names: flatten nested records (``OTCAL_v.up.col`` -> ``OTCAL_v_up_col``).
         probabilities: also write the calibrated probabilities (see :func:`skim_record`).
+        layout: how the file stores jets (:class:`~coffea_otcal.input_layout.InputLayout`;
+            None: NanoAOD). Event fields may then be paths (``EventInfo.eventNumber``, kept
+            as ``EventInfo_eventNumber``).
 
     A float32 calibrator writes its calibrated columns as float32, the precision NanoAOD
     stores tagger scores in (a float64 calibrator writes float64).
@@ -271,13 +275,23 @@ def skim_columns(
     """
     from coffea_otcal.applier import jet_record, require_fields
 
-    jets = events[collection]
     base = list(dict.fromkeys([*jet_fields, flavour_column, *tagger_columns]))
     needed: tuple[str, ...] = ()
     if calibrator is not None:
         needed = calibrator.data_columns if is_data else calibrator.input_columns
-        require_fields(jets.fields, needed)
-    wanted = [f for f in dict.fromkeys([*base, *needed]) if f in jets.fields]
+    if layout is None:
+        jets = events[collection]
+        available = set(jets.fields)
+    else:
+        from coffea_otcal.input_layout import available_jet_fields, layout_jets
+
+        available = available_jet_fields(events, layout, collection, tagger_columns)
+    if needed:
+        require_fields(sorted(available), needed)
+    wanted = [f for f in dict.fromkeys([*base, *needed]) if f in available]
+    if layout is not None:
+        where = f"events of {dict(getattr(events, 'metadata', None) or {}).get('filename', 'this chunk')!r}"
+        jets = layout_jets(events, layout, collection, wanted, where, tagger_columns)
     flat = {f: ak.to_numpy(ak.flatten(ak.without_parameters(jets[f]), axis=1)) for f in wanted}
     fields: dict[str, Any] = {f: flat[f] for f in base if f in flat}
     flags = None
@@ -291,7 +305,17 @@ def skim_columns(
         fields.update(_to_float32(out) if calibrator.dtype == np.float32 else out)
     if flat_names:
         fields = _flat_names(fields)
-    record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
+    if layout is None:
+        record = {f: ak.without_parameters(events[f]) for f in event_fields if f in events.fields}
+    else:
+        from coffea_otcal.input_layout import LayoutError, read_event_path
+
+        record = {}
+        for f in event_fields:
+            try:
+                record[f.replace(".", "_")] = read_event_path(events, f, "this chunk")
+            except LayoutError:  # kept when present, as for NanoAOD
+                continue
     record[collection] = jet_record(fields, ak.to_numpy(ak.num(jets, axis=1)))
     return record, flags
 
@@ -399,6 +423,8 @@ class CalibrationProcessor(ProcessorABC):
         event_fields: event fields kept in skims.
         probabilities: skims also keep the calibrated probabilities (default: the tagger's
             own calibrated columns only).
+        layout: how the files store jets (:class:`~coffea_otcal.input_layout.InputLayout`,
+            or its mapping); None: NanoAOD. The runner must read them with its schema.
 
     Returns (from ``process``):
         ``{"events", "jets", "status": {name: count}, "clamped", "parts": [names], "bytes"}``
@@ -420,6 +446,7 @@ class CalibrationProcessor(ProcessorABC):
         jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
         event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
         probabilities: bool = False,
+        layout: InputLayout | Mapping[str, Any] | None = None,
     ) -> None:
         if fmt not in ("parquet", "root"):
             msg = f"unknown skim format {fmt!r}; use 'parquet' or 'root'"
@@ -436,9 +463,15 @@ class CalibrationProcessor(ProcessorABC):
         self.jet_fields = tuple(jet_fields)
         self.event_fields = tuple(event_fields)
         self.probabilities = probabilities
+        self.layout = (
+            None if layout is None
+            else layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout)
+        )
 
     def process(self, events: Any) -> dict[str, Any]:
         """Calibrate one chunk; write its skim part and/or run the inner processor."""
+        if self.layout is not None:
+            return self._process_layout(events)
         jets = events[self.collection]
         is_data = self.is_data
         if is_data is None:
@@ -481,6 +514,50 @@ class CalibrationProcessor(ProcessorABC):
             result = {**result, "otcal": counts}
         return result
 
+    def _process_layout(self, events: Any) -> dict[str, Any]:
+        """:meth:`process` for a PHYSLITE or flat-ntuple layout."""
+        from coffea_otcal.input_layout import layout_jets
+
+        assert self.layout is not None
+        metadata = dict(getattr(events, "metadata", None) or {})
+        is_data = self.is_data
+        if is_data is None and self.data_datasets and metadata.get("dataset") in self.data_datasets:
+            is_data = True
+        if is_data is None and "is_data" in metadata:
+            is_data = bool(metadata["is_data"])
+        if is_data is None:
+            from coffea_otcal.input_layout import available_jet_fields
+
+            fields = available_jet_fields(events, self.layout, self.collection)
+            is_data = self.calibrator.flavour_column not in fields
+        where = f"events of {metadata.get('filename', 'this chunk')!r}"
+        tagger = self.calibrator.columns
+        jets = layout_jets(events, self.layout, self.collection, tagger[:1], where, tagger)
+        counts: dict[str, Any] = {"events": len(events), "jets": int(ak.sum(ak.num(jets)))}
+        if self.inner is None and self.output_dir is not None:
+            return self._skim(events, jets, is_data, counts)
+        if self.output_dir is not None:
+            msg = "a skim of a PHYSLITE or flat-ntuple layout runs without an inner processor"
+            raise ValueError(msg)
+        if self.calibrate:
+            events = add_calibrated_columns(
+                events, self.calibrator, is_data=is_data, collection=self.collection,
+                variations=self.variations, layout=self.layout,
+            )
+            status = (events[f"{self.collection}_otcal_status"] if self.layout.format == "flat"
+                      else events[self.collection, "otcal_status"])
+            clamped = (events[f"{self.collection}_otcal_clamped"] if self.layout.format == "flat"
+                       else events[self.collection, "otcal_clamped"])
+            flags = status_counts(status, clamped)
+            counts["clamped"] = flags.pop("clamped")
+            counts["status"] = flags
+        counts["parts"], counts["bytes"] = [], 0
+        assert self.inner is not None
+        result = self.inner.process(events)
+        if isinstance(result, dict):
+            result = {**result, "otcal": counts}
+        return result
+
     def _skim(
         self, events: Any, jets: Any, is_data: bool, counts: dict[str, Any]
     ) -> dict[str, Any]:
@@ -504,6 +581,7 @@ class CalibrationProcessor(ProcessorABC):
             event_fields=self.event_fields,
             flat_names=self.fmt == "root",
             probabilities=self.probabilities,
+            layout=self.layout,
         )
         if flags is not None:
             counts["clamped"] = flags.pop("clamped")

@@ -309,3 +309,55 @@ def test_generated_physlite_sample_fills_like_its_nanoaod_twin(tmp_path) -> None
         np.testing.assert_array_equal(lite.column(name), nano.column(name), err_msg=name)
     np.testing.assert_allclose(lite.column("kin_pt"), 1e3 * nano.column("kin_pt"), rtol=1e-6)
     assert lite.metadata.flavour_column == "HadronConeExclTruthLabelID"
+
+
+def _skim_jets(folder: Path, collection: str) -> dict[str, np.ndarray]:
+    import json
+
+    from coffea_otcal.skim import SKIM_MANIFEST
+
+    manifest = json.loads((folder / SKIM_MANIFEST).read_text())
+    parts = [ak.from_parquet(folder / name) for name in manifest["parts"]]
+    jets = ak.concatenate([p[collection] for p in parts])
+    return {f: ak.to_numpy(ak.flatten(jets[f])) for f in ("GN2v01_pb_otcal", "otcal_status")} | {
+        "up": ak.to_numpy(ak.flatten(jets.OTCAL_comp.up.GN2v01_pu)),
+        "fields": np.array(parts[0].fields, dtype=object),
+        "jet_fields": np.array(parts[0][collection].fields, dtype=object),
+    }
+
+
+def test_skims_of_every_layout_agree(files, tmp_path, capsys) -> None:
+    """coffea-otcal apply on PHYSLITE (linked scores) and a flat ntuple = the NanoAOD skim."""
+    from coffea_otcal.cli import main
+    from coffea_otcal.skim import run_skim
+
+    cal = Calibrator(make_bundle(context=(PT_MEV, ETA_CONTEXT), adapter="gn2"),
+                     flavour_column=FLAVOUR)
+    run_skim(cal, [files["nanoaod"]], tmp_path / "nano", progress=False, is_data=False)
+    nano = _skim_jets(tmp_path / "nano", "Jet")
+    assert (nano["otcal_status"] == 0).sum() > 500
+    run_skim(cal, [files["linked"]], tmp_path / "lite", progress=False, treename="CollectionTree",
+             layout={"format": "physlite", "btagging": {}}, jet_fields=["pt", "eta", "m"])
+    lite = _skim_jets(tmp_path / "lite", "Jets")
+    keep = np.arange(len(lite["otcal_status"])) != 3  # the jet without b-tagging object
+    assert lite["otcal_status"][3] == 2
+    for key in ("GN2v01_pb_otcal", "otcal_status", "up"):
+        np.testing.assert_array_equal(lite[key][keep], nano[key][keep], err_msg=key)
+    assert list(lite["jet_fields"][:3]) == ["pt", "eta", "m"]
+    # the command line, on the flat ntuple; the default event fields are kept when present
+    bundle = tmp_path / "b.json.gz"
+    make_bundle(context=(PT_MEV, ETA_CONTEXT), adapter="gn2").save(bundle)
+    code = main(["apply", str(bundle), str(files["flat"]), "-o", str(tmp_path / "flat"),
+                 "--no-progress", "--treename", "reco", "--input", "flat", "--field",
+                 "pt=pt_NOSYS", "--mc", "--keep-jet", "all"])
+    assert code == 1  # the bundle's flavour column (hadronFlavour) is not in the ntuple
+    assert "no truth-flavour branch 'jet_hadronFlavour'" in capsys.readouterr().err
+    code = main(["apply", str(bundle), str(files["flat"]), "-o", str(tmp_path / "flat"),
+                 "--no-progress", "--treename", "reco", "--input", "flat", "--field",
+                 "pt=pt_NOSYS", "--field", f"hadronFlavour={FLAVOUR}", "--keep-jet", "all",
+                 "--precision", "float64"])
+    assert code == 0
+    flat = _skim_jets(tmp_path / "flat", "jet")
+    for key in ("GN2v01_pb_otcal", "otcal_status", "up"):
+        np.testing.assert_array_equal(flat[key], nano[key], err_msg=key)
+    assert {"pt", "eta", "phi", "m"} <= set(flat["jet_fields"])

@@ -37,13 +37,16 @@ __all__ = [
     "BTaggingLink",
     "InputLayout",
     "LayoutError",
+    "available_jet_fields",
     "default_collection",
+    "default_event_fields",
     "event_branch_candidates",
     "jet_branch_candidates",
     "layout_jets",
     "link_branch_candidates",
     "read_event_path",
     "schema_class",
+    "stored_jet_fields",
     "tagger_branch_candidates",
 ]
 
@@ -107,6 +110,51 @@ class InputLayout(BaseModel):
 def default_collection(layout: InputLayout) -> str:
     """The jet collection of a layout: ``Jet``, ``Jets`` (PHYSLITE) or ``jet`` (flat)."""
     return _DEFAULT_COLLECTION[layout.format]
+
+
+def default_event_fields(layout: InputLayout) -> tuple[str, ...]:
+    """Event identifiers a skim keeps by default (when present)."""
+    if layout.format == "physlite":
+        return ("EventInfo.runNumber", "EventInfo.lumiBlock", "EventInfo.eventNumber")
+    if layout.format == "flat":
+        return ("runNumber", "eventNumber")
+    return ("run", "luminosityBlock", "event")
+
+
+def _canonical(layout: InputLayout, file_field: str) -> str:
+    """coffea-otcal's name of a file's jet field (the inverse of ``layout.fields``)."""
+    inverse = {v: k for k, v in layout.fields.items()}
+    return inverse.get(file_field, file_field)
+
+
+def stored_jet_fields(branches: Sequence[str], layout: InputLayout, collection: str) -> list[str]:
+    """The jet fields (coffea-otcal's names) that a file's ``branches`` store, in file order."""
+    if layout.format == "physlite":
+        prefixes = tuple(f"{s}{aux}." for s in (f"Analysis{collection}", collection) for aux in ("AuxDyn", "Aux"))
+        found = [b.split(".", 1)[1] for b in branches if b.startswith(prefixes)]
+        found = [f for f in found if "." not in f]  # ElementLink members
+    else:
+        prefix = f"{collection}_"
+        found = [b[len(prefix) :] for b in branches if b.startswith(prefix)]
+    return list(dict.fromkeys(_canonical(layout, f) for f in found))
+
+
+def available_jet_fields(
+    events: Any, layout: InputLayout, collection: str, tagger_columns: Sequence[str] = ()
+) -> set[str]:
+    """The jet fields (coffea-otcal's names) that :func:`layout_jets` can read from ``events``."""
+    if layout.format == "flat":
+        prefix = f"{collection}_"
+        present = {f[len(prefix) :] for f in events.fields if f.startswith(prefix)}
+    elif collection in events.fields:
+        present = set(events[collection].fields)
+    else:
+        present = set()
+    names = {_canonical(layout, f) for f in present}
+    if layout.btagging is not None and layout.btagging.collection in events.fields:
+        in_btag = set(events[layout.btagging.collection].fields)
+        names |= {c for c in tagger_columns if layout.file_field(c) in in_btag}
+    return names
 
 
 def schema_class(layout: InputLayout) -> type:

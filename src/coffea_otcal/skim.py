@@ -45,13 +45,14 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from coffea_otcal.applier import Calibrator
 from coffea_otcal.bundle import WriterInfo
-from coffea_otcal.processors.calibration import DEFAULT_EVENT_FIELDS, DEFAULT_JET_FIELDS
+from coffea_otcal.input_layout import BTaggingLink, InputLayout
+from coffea_otcal.processors.calibration import DEFAULT_JET_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,30 @@ MallocTrim = int | Literal["unset"] | None
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
-def _has_field(branches: set[str], collection: str, field: str) -> bool:
-    """Whether a jet field is stored, as NanoAOD ``Jet_x`` or uproot-record ``Jet.x``."""
-    return any(f"{collection}{sep}{field}" in branches for sep in ("_", ".", "/"))
+def _spellings(
+    field: str, tagger: bool, collection: str, layout: InputLayout | None
+) -> tuple[str, ...]:
+    """The branch names that can store a jet field (NanoAOD also ``Jet.x``, ``Jet/x``)."""
+    if layout is None:
+        return tuple(f"{collection}{sep}{field}" for sep in ("_", ".", "/"))
+    from coffea_otcal.input_layout import jet_branch_candidates, tagger_branch_candidates
+
+    find = tagger_branch_candidates if tagger else jet_branch_candidates
+    return find(layout, collection, field)
+
+
+def _has_any(branches: set[str], names: Sequence[str]) -> bool:
+    return any(n in branches for n in names)
+
+
+def _stored_fields(names: Sequence[str], collection: str, layout: InputLayout | None) -> list[str]:
+    """The jet fields a file stores, in file order."""
+    if layout is None:
+        prefix = f"{collection}_"
+        return [b[len(prefix) :] for b in names if b.startswith(prefix)]
+    from coffea_otcal.input_layout import stored_jet_fields
+
+    return stored_jet_fields(names, layout, collection)
 
 
 def _check_inputs(
@@ -77,6 +99,7 @@ def _check_inputs(
     collection: str,
     is_data: bool | None,
     data_glob: str | None,
+    layout: InputLayout | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Open every file once: tree and tagger branches present; decide data/MC; fileset.
 
@@ -97,28 +120,33 @@ def _check_inputs(
                 raise ValueError(msg)
             names = list(handle[treename].keys())
             branches = set(names)
-        prefix = f"{collection}_"
-        stored = [b[len(prefix) :] for b in names if b.startswith(prefix)]
+        stored = _stored_fields(names, collection, layout)
+        tagger = set(calibrator.adapter.columns)
+        spell = {
+            f: _spellings(f, f in tagger, collection, layout)
+            for f in (*calibrator.data_columns, calibrator.flavour_column)
+        }
+        has = {f: _has_any(branches, names_) for f, names_ in spell.items()}
         common = stored if common is None else [f for f in common if f in set(stored)]
-        missing = [c for c in calibrator.data_columns if not _has_field(branches, collection, c)]
+        missing = [c for c in calibrator.data_columns if not has[c]]
         if missing:
             msg = (
-                f"columns {[f'{collection}_{c}' for c in missing]} read by adapter "
+                f"columns {[spell[c][0] for c in missing]} read by adapter "
                 f"{calibrator.adapter.name!r} are missing from {str(path)!r}; choose the bundle "
-                f"that matches the file's tagger"
+                f"that matches the file's tagger, or the file's layout (--input)"
             )
             raise ValueError(msg)
-        if is_data is False and not _has_field(branches, collection, calibrator.flavour_column):
+        if is_data is False and not has[calibrator.flavour_column]:
             msg = (
                 f"{str(path)!r} is declared MC but has no truth-flavour branch "
-                f"'{collection}_{calibrator.flavour_column}'; drop --mc for data files"
+                f"{spell[calibrator.flavour_column][0]!r}; drop --mc for data files"
             )
             raise KeyError(msg)
         data = is_data
         if data is None and data_glob is not None and fnmatch.fnmatch(path.name, data_glob):
             data = True
         if data is None:
-            data = not _has_field(branches, collection, calibrator.flavour_column)
+            data = not has[calibrator.flavour_column]
         dataset = path.name.split(".")[0]
         while dataset in fileset:
             dataset += "_"
@@ -199,7 +227,7 @@ def run_skim(
     scheduler: str | None = None,
     chunksize: int = 100_000,
     treename: str = "Events",
-    collection: str = "Jet",
+    collection: str | None = None,
     is_data: bool | None = None,
     data_glob: str | None = None,
     variations: Sequence[str] | None = None,
@@ -210,13 +238,14 @@ def run_skim(
     precision: Literal["float64", "float32"] = "float32",
     probabilities: bool = False,
     jet_fields: Sequence[str] | Literal["all"] = DEFAULT_JET_FIELDS,
-    event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+    event_fields: Sequence[str] | None = None,
+    layout: InputLayout | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate ``files`` with ``bundle`` and write a skim folder ``output`` atomically.
 
     Arguments:
         bundle: a Bundle, Calibrator or bundle path.
-        files: NanoAOD ROOT files.
+        files: ROOT files (NanoAOD; PHYSLITE or flat ntuples with ``layout``).
         output: the skim folder (must not exist unless ``overwrite``).
         fmt: ``"parquet"`` or ``"root"`` part files.
         executor: ``"iterative"``, ``"futures"`` or ``"dask"``.
@@ -224,7 +253,7 @@ def run_skim(
         scheduler: address of a running dask scheduler (dask executor).
         chunksize: events per chunk (bounds the memory of a task).
         treename: the events tree.
-        collection: the jet collection.
+        collection: the jet collection (default: the layout's, ``Jet`` for NanoAOD).
         is_data: force data (True) or MC (False) for every file; None decides per file.
         data_glob: file-name pattern marking data files (e.g. ``"data_*"``); files without
             the flavour branch are data too.
@@ -244,13 +273,17 @@ def run_skim(
         jet_fields: jet fields kept besides the tagger, flavour and calibrated columns
             (default ``pt, eta, phi, mass``), or ``"all"``: every ``Jet_*`` branch that every
             input file stores (an analysis skim of the whole jet collection).
-        event_fields: event-level branches kept (default ``run, luminosityBlock, event``).
+        event_fields: event-level branches or paths kept when present (default
+            ``run, luminosityBlock, event``; PHYSLITE ``EventInfo.runNumber``,
+            ``EventInfo.lumiBlock``, ``EventInfo.eventNumber``; flat ``runNumber``,
+            ``eventNumber``).
+        layout: the files' layout (:class:`~coffea_otcal.input_layout.InputLayout` or its
+            mapping, e.g. ``{"format": "physlite", "btagging": {}}``); None: NanoAOD.
 
     Returns:
         The manifest written to ``output/otcal_skim.json``.
     """
     from coffea import processor
-    from coffea.nanoevents import NanoAODSchema
 
     from coffea_otcal.processors.calibration import CalibrationProcessor
 
@@ -259,7 +292,19 @@ def run_skim(
     if out.exists() and not overwrite:
         msg = f"skim output {str(out)!r} exists; remove it or pass --overwrite"
         raise FileExistsError(msg)
-    fileset, stored = _check_inputs(files, calibrator, treename, collection, is_data, data_glob)
+    from coffea_otcal.input_layout import default_collection, default_event_fields, schema_class
+
+    if layout is not None and not isinstance(layout, InputLayout):
+        layout = InputLayout.model_validate(layout)
+    if layout is not None and layout.format == "nanoaod" and not layout.fields:
+        layout = None  # the NanoAOD route, as without a layout
+    plain = InputLayout() if layout is None else layout
+    collection = collection or default_collection(plain)
+    if event_fields is None:
+        event_fields = default_event_fields(plain)
+    fileset, stored = _check_inputs(
+        files, calibrator, treename, collection, is_data, data_glob, layout
+    )
     kept = stored if jet_fields == "all" else list(jet_fields)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir(parents=True)
@@ -275,13 +320,19 @@ def run_skim(
             probabilities=probabilities,
             jet_fields=kept,
             event_fields=list(event_fields),
+            layout=layout,
             data_datasets=[name for name, e in fileset.items() if e["metadata"]["is_data"]],
         )
         # coffea's rich bars render their final state even when disabled: swallow them.
         quiet = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
         with quiet, _executor(executor, workers, scheduler, progress, malloc_trim_threshold) as ex:
             runner = processor.Runner(
-                executor=ex, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={}
+                executor=ex,
+                # NanoAOD: the fill's lenient NanoAOD schema (no event IDs or cross-reference
+                # targets required, so any tree with nJet + Jet_* branches is read)
+                schema=schema_class(plain),
+                chunksize=chunksize,
+                metadata_cache={},
             )
             result = runner(fileset, processor_instance=proc, treename=treename)
         manifest = {
@@ -300,6 +351,8 @@ def run_skim(
             "variations": list(variations) if variations is not None else calibrator.variations,
             "jet_fields": kept,
             "event_fields": list(event_fields),
+            "layout": plain.model_dump(mode="json"),
+            "collection": collection,
             "events": int(result.get("events", 0)),
             "jets": int(result.get("jets", 0)),
             "status": dict(result.get("status", {})),
@@ -347,7 +400,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=None, help="dask scheduler address (dask executor)")
     parser.add_argument("--chunksize", type=int, default=100_000, help="events per chunk")
     parser.add_argument("--treename", default="Events")
-    parser.add_argument("--collection", default="Jet", help="jet collection")
+    parser.add_argument(
+        "--collection", default=None, help="jet collection (default Jet; PHYSLITE Jets; flat jet)"
+    )
+    parser.add_argument(
+        "--input",
+        dest="input_format",
+        choices=["nanoaod", "physlite", "flat"],
+        default="nanoaod",
+        help="file layout (docs/store.md): NanoAOD, ATLAS PHYSLITE or a flat ntuple",
+    )
+    parser.add_argument(
+        "--btagging",
+        default=None,
+        metavar="CONTAINER[:LINK]",
+        help="PHYSLITE: read the tagger columns from this b-tagging container through the "
+        "jets' ElementLink (default link btaggingLink), e.g. BTagging_AntiKt4EMPFlow",
+    )
+    parser.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="NAME=FILE_FIELD",
+        help="read the bundle's jet field NAME from FILE_FIELD (repeatable), e.g. pt=pt_NOSYS",
+    )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument(
         "--data",
@@ -407,9 +483,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fields_option(text: str | None, default: Sequence[str], allow_all: bool) -> Any:
+def _layout_option(args: argparse.Namespace) -> InputLayout | None:
+    fields = {}
+    for item in args.field:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            msg = f"--field takes NAME=FILE_FIELD, got {item!r}"
+            raise SystemExit(msg)
+        fields[name.strip()] = value.strip()
+    btagging = None
+    if args.btagging:
+        container, _, link = args.btagging.partition(":")
+        btagging = BTaggingLink(collection=container, link=link or "btaggingLink")
+    if args.input_format == "nanoaod" and not fields and btagging is None:
+        return None
+    try:
+        return InputLayout(format=args.input_format, fields=fields, btagging=btagging)
+    except ValueError as err:
+        msg = f"--input/--btagging/--field: {err}"
+        raise SystemExit(msg) from None
+
+
+def _fields_option(text: str | None, default: Sequence[str] | None, allow_all: bool) -> Any:
     if text is None:
-        return list(default)
+        return None if default is None else list(default)
     if text.strip() == "all":
         if not allow_all:
             msg = "--keep-event takes field names, not 'all'"
@@ -457,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         malloc_trim_threshold=args.malloc_trim_threshold,
         jet_fields=_fields_option(args.keep_jet, DEFAULT_JET_FIELDS, allow_all=True),
-        event_fields=_fields_option(args.keep_event, DEFAULT_EVENT_FIELDS, allow_all=False),
+        event_fields=_fields_option(args.keep_event, None, allow_all=False),
+        layout=_layout_option(args),
     )
     sys.stdout.write(
         f"{args.output}: {len(manifest['parts'])} parts, {manifest['events']} events, "
