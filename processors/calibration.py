@@ -420,7 +420,8 @@ class CalibrationProcessor(ProcessorABC):
         calibrate: False writes the same skim without calibration (the reference of the
             skim-cost benchmark).
         jet_fields: extra jet fields kept in skims.
-        event_fields: event fields kept in skims.
+        event_fields: event fields kept in skims (default: the layout's event identifiers,
+            ``run, luminosityBlock, event`` for NanoAOD).
         probabilities: skims also keep the calibrated probabilities (default: the tagger's
             own calibrated columns only).
         layout: how the files store jets (:class:`~coffea_otcal.input_layout.InputLayout`,
@@ -444,7 +445,7 @@ class CalibrationProcessor(ProcessorABC):
         data_datasets: Sequence[str] = (),
         calibrate: bool = True,
         jet_fields: Sequence[str] = DEFAULT_JET_FIELDS,
-        event_fields: Sequence[str] = DEFAULT_EVENT_FIELDS,
+        event_fields: Sequence[str] | None = None,
         probabilities: bool = False,
         layout: InputLayout | Mapping[str, Any] | None = None,
     ) -> None:
@@ -461,12 +462,16 @@ class CalibrationProcessor(ProcessorABC):
         self.data_datasets = tuple(data_datasets)
         self.calibrate = calibrate
         self.jet_fields = tuple(jet_fields)
-        self.event_fields = tuple(event_fields)
         self.probabilities = probabilities
         self.layout = (
             None if layout is None
             else layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout)
         )
+        if event_fields is None:
+            from coffea_otcal.input_layout import default_event_fields
+
+            event_fields = default_event_fields(self.layout or InputLayout())
+        self.event_fields = tuple(event_fields)
 
     def process(self, events: Any) -> dict[str, Any]:
         """Calibrate one chunk; write its skim part and/or run the inner processor."""
