@@ -361,3 +361,27 @@ def test_skims_of_every_layout_agree(files, tmp_path, capsys) -> None:
     for key in ("GN2v01_pb_otcal", "otcal_status", "up"):
         np.testing.assert_array_equal(flat[key], nano[key], err_msg=key)
     assert {"pt", "eta", "phi", "m"} <= set(flat["jet_fields"])
+
+
+def test_example_physlite_pipeline_config(tmp_path, capsys) -> None:
+    """examples/pipeline_physlite.yaml on a generated PHYSLITE sample: validated, fill stage run."""
+    import json
+    import shutil
+
+    from coffea_otcal import cli
+    from coffea_otcal.generator import GeneratorConfig, generate
+    from coffea_otcal.pipeline import load_pipeline_config
+
+    generate(GeneratorConfig(seed=1, scale=0.02, tagger="gn2", quantise=False, layout="physlite"),
+             tmp_path / "sample_physlite", progress=False)
+    path = tmp_path / "pipeline_physlite.yaml"
+    shutil.copy(Path(__file__).parents[1] / "examples" / "pipeline_physlite.yaml", path)
+    config = load_pipeline_config(path)
+    assert config.fill.input.btagging is not None
+    assert config.fill.collection == "Jets"
+    assert [c.high for c in config.context] == [1_000_000.0, 2.5]
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "-o", str(out), "--stages", "fill", "--no-progress"]) == 0
+    manifest = json.loads((out / "fill" / "manifest.json").read_text())
+    assert manifest["summary"]["n_jets"] == 3 * 2000 + 2 * 600
+    assert "fill" in capsys.readouterr().out
