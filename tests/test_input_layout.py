@@ -119,7 +119,9 @@ def write_flat(path: Path, seed: int = 0) -> Path:
     """An analysis ntuple: ``jet_pt_NOSYS``, ``jet_GN2v01_pb``, ..., ``weight_mc_NOSYS``."""
     counts, cols, weights = _jets(seed)
     jets = ak.zip({("pt_NOSYS" if k == "pt" else k): _jag(v, counts) for k, v in cols.items()})
-    _write_ttree(path, "reco", {"jet": jets, "weight_mc_NOSYS": ak.Array(weights[:, 0])}, "_")
+    # a per-event branch under the jet prefix, as ntuples often have (jet_n): not a jet field
+    _write_ttree(path, "reco", {"jet": jets, "weight_mc_NOSYS": ak.Array(weights[:, 0]),
+                                "jet_n": ak.Array(counts.astype(np.int32))}, "_")
     return path
 
 
@@ -361,6 +363,7 @@ def test_skims_of_every_layout_agree(files, tmp_path, capsys) -> None:
     for key in ("GN2v01_pb_otcal", "otcal_status", "up"):
         np.testing.assert_array_equal(flat[key], nano[key], err_msg=key)
     assert {"pt", "eta", "phi", "m"} <= set(flat["jet_fields"])
+    assert "n" not in set(flat["jet_fields"])  # --keep-jet all keeps per-jet numbers only
 
 
 def test_example_physlite_pipeline_config(tmp_path, capsys) -> None:

@@ -92,6 +92,17 @@ def _stored_fields(names: Sequence[str], collection: str, layout: InputLayout | 
     return stored_jet_fields(names, layout, collection)
 
 
+def _per_jet_number(branch: Any) -> bool:
+    """Whether a branch holds one number per jet (a singly jagged numeric interpretation)."""
+    import uproot
+
+    try:
+        interp = branch.interpretation
+    except Exception:
+        return False
+    return isinstance(interp, uproot.AsJagged) and isinstance(interp.content, uproot.AsDtype)
+
+
 def _check_inputs(
     files: Sequence[str | os.PathLike[str]],
     calibrator: Calibrator,
@@ -118,9 +129,13 @@ def _check_inputs(
             if treename not in handle:
                 msg = f"{str(path)!r} has no tree {treename!r}; keys: {handle.keys()[:20]}"
                 raise ValueError(msg)
-            names = list(handle[treename].keys())
+            tree = handle[treename]
+            names = list(tree.keys())
             branches = set(names)
-        stored = _stored_fields(names, collection, layout)
+            # PHYSLITE and flat ntuples mix per-jet numbers with links, nested vectors and
+            # per-event scalars under the same prefix: "all" keeps the per-jet numbers
+            keepable = names if layout is None else [n for n in names if _per_jet_number(tree[n])]
+        stored = _stored_fields(keepable, collection, layout)
         tagger = set(calibrator.adapter.columns)
         spell = {
             f: _spellings(f, f in tagger, collection, layout)
