@@ -410,7 +410,7 @@ class CalibrationProcessor(ProcessorABC):
             with the counts under the key ``"otcal"`` (when it is a dict).
         output_dir: write each chunk as a skim part file into this folder.
         fmt: skim format, ``"parquet"`` or ``"root"``.
-        collection: the jet collection.
+        collection: the jet collection (default: the layout's, ``Jet`` for NanoAOD).
         is_data: force data/MC; None reads ``events.metadata["is_data"]`` (set it in the
             fileset) or treats events without the flavour field as data.
         variations: variation names (None: all).
@@ -439,7 +439,7 @@ class CalibrationProcessor(ProcessorABC):
         inner: ProcessorABC | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         fmt: SkimFormat = "parquet",
-        collection: str = "Jet",
+        collection: str | None = None,
         is_data: bool | None = None,
         variations: Sequence[str] | None = None,
         data_datasets: Sequence[str] = (),
@@ -456,7 +456,6 @@ class CalibrationProcessor(ProcessorABC):
         self.inner = inner
         self.output_dir = None if output_dir is None else str(output_dir)
         self.fmt = fmt
-        self.collection = collection
         self.is_data = is_data
         self.variations = None if variations is None else list(variations)
         self.data_datasets = tuple(data_datasets)
@@ -467,9 +466,10 @@ class CalibrationProcessor(ProcessorABC):
             None if layout is None
             else layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout)
         )
-        if event_fields is None:
-            from coffea_otcal.input_layout import default_event_fields
+        from coffea_otcal.input_layout import default_collection, default_event_fields
 
+        self.collection = collection or default_collection(self.layout or InputLayout())
+        if event_fields is None:
             event_fields = default_event_fields(self.layout or InputLayout())
         self.event_fields = tuple(event_fields)
 
@@ -535,27 +535,32 @@ class CalibrationProcessor(ProcessorABC):
 
             fields = available_jet_fields(events, self.layout, self.collection)
             is_data = self.calibrator.flavour_column not in fields
-        where = f"events of {metadata.get('filename', 'this chunk')!r}"
-        tagger = self.calibrator.columns
-        jets = layout_jets(events, self.layout, self.collection, tagger[:1], where, tagger)
-        counts: dict[str, Any] = {"events": len(events), "jets": int(ak.sum(ak.num(jets)))}
+        counts: dict[str, Any] = {"events": len(events)}
         if self.inner is None and self.output_dir is not None:
-            return self._skim(events, jets, is_data, counts)
+            return self._skim(events, None, is_data, counts)
         if self.output_dir is not None:
             msg = "a skim of a PHYSLITE or flat-ntuple layout runs without an inner processor"
             raise ValueError(msg)
+        flat = self.layout.format == "flat"
+
+        def jet_field(name: str) -> Any:
+            return events[f"{self.collection}_{name}"] if flat else events[self.collection, name]
+
         if self.calibrate:
             events = add_calibrated_columns(
                 events, self.calibrator, is_data=is_data, collection=self.collection,
                 variations=self.variations, layout=self.layout,
             )
-            status = (events[f"{self.collection}_otcal_status"] if self.layout.format == "flat"
-                      else events[self.collection, "otcal_status"])
-            clamped = (events[f"{self.collection}_otcal_clamped"] if self.layout.format == "flat"
-                       else events[self.collection, "otcal_clamped"])
-            flags = status_counts(status, clamped)
+            status = jet_field("otcal_status")
+            flags = status_counts(status, jet_field("otcal_clamped"))
+            counts["jets"] = int(ak.sum(ak.num(status)))
             counts["clamped"] = flags.pop("clamped")
             counts["status"] = flags
+        else:
+            where = f"events of {metadata.get('filename', 'this chunk')!r}"
+            tagger = self.calibrator.columns
+            jets = layout_jets(events, self.layout, self.collection, tagger[:1], where, tagger)
+            counts["jets"] = int(ak.sum(ak.num(jets)))
         counts["parts"], counts["bytes"] = [], 0
         assert self.inner is not None
         result = self.inner.process(events)
@@ -591,6 +596,7 @@ class CalibrationProcessor(ProcessorABC):
         if flags is not None:
             counts["clamped"] = flags.pop("clamped")
             counts["status"] = flags
+        counts.setdefault("jets", int(ak.sum(ak.num(record[self.collection]))))
         assert self.output_dir is not None
         suffix = ".parquet" if self.fmt == "parquet" else ".root"
         name = _part_name(dict(getattr(events, "metadata", None) or {}), suffix)

@@ -388,3 +388,28 @@ def test_example_physlite_pipeline_config(tmp_path, capsys) -> None:
     manifest = json.loads((out / "fill" / "manifest.json").read_text())
     assert manifest["summary"]["n_jets"] == 3 * 2000 + 2 * 600
     assert "fill" in capsys.readouterr().out
+
+
+def test_calibration_processor_wraps_a_physlite_processor(files) -> None:
+    """CalibrationProcessor(inner=..., layout=physlite): the inner processor sees Jets calibrated."""
+    from coffea import processor
+
+    from coffea_otcal.processors.calibration import CalibrationProcessor
+
+    class Inner(processor.ProcessorABC):
+        def process(self, events):
+            return {"n": int(ak.sum(ak.num(events.Jets.GN2v01_pb_otcal))),
+                    "moved": int(ak.sum(events.Jets.otcal_status == 0))}
+
+        def postprocess(self, accumulator):
+            return accumulator
+
+    cal = Calibrator(make_bundle(context=(PT_MEV, ETA_CONTEXT), adapter="gn2"),
+                     flavour_column=FLAVOUR)
+    proc = CalibrationProcessor(cal, inner=Inner(), is_data=False,
+                                layout={"format": "physlite", "btagging": {}})
+    out = proc.process(_events(files["linked"], "CollectionTree", PHYSLITESchema))
+    counts = _jets()[0]
+    assert out["n"] == out["otcal"]["jets"] == int(counts.sum())
+    assert out["moved"] == out["otcal"]["status"]["calibrated"] > 500
+    assert out["otcal"]["status"]["invalid_score"] == 1  # the jet without b-tagging object
