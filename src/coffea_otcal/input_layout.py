@@ -130,7 +130,7 @@ def _canonical(layout: InputLayout, file_field: str) -> str:
 def stored_jet_fields(branches: Sequence[str], layout: InputLayout, collection: str) -> list[str]:
     """The jet fields (coffea-otcal's names) that a file's ``branches`` store, in file order."""
     if layout.format == "physlite":
-        prefixes = tuple(f"{s}{aux}." for s in (f"Analysis{collection}", collection) for aux in ("AuxDyn", "Aux"))
+        prefixes = _physlite_prefixes(collection)
         found = [b.split(".", 1)[1] for b in branches if b.startswith(prefixes)]
         found = [f for f in found if "." not in f]  # ElementLink members
     else:
@@ -172,9 +172,14 @@ def schema_class(layout: InputLayout) -> type:
     return ControlRegionSchema
 
 
+def _physlite_prefixes(container: str) -> tuple[str, ...]:
+    """``AnalysisJetsAuxDyn.`` and the other branch prefixes PHYSLITESchema maps to ``Jets``."""
+    return tuple(f"{s}{aux}." for s in (f"Analysis{container}", container) for aux in ("AuxDyn", "Aux"))
+
+
 def _physlite_branches(container: str, field: str) -> tuple[str, ...]:
     """``AnalysisJetsAuxDyn.pt`` and the other spellings PHYSLITESchema maps to ``Jets.pt``."""
-    return tuple(f"{s}{aux}.{field}" for s in (f"Analysis{container}", container) for aux in ("AuxDyn", "Aux"))
+    return tuple(prefix + field for prefix in _physlite_prefixes(container))
 
 
 def jet_branch_candidates(layout: InputLayout, collection: str, name: str) -> tuple[str, ...]:
@@ -197,10 +202,7 @@ def link_branch_candidates(layout: InputLayout, collection: str) -> tuple[str, .
     assert layout.btagging is not None
     link = layout.btagging.link
     return tuple(
-        f"{s}{aux}.{link}{sub}"
-        for s in (f"Analysis{collection}", collection)
-        for aux in ("AuxDyn", "Aux")
-        for sub in (".m_persIndex", "")
+        name for sub in (".m_persIndex", "") for name in _physlite_branches(collection, link + sub)
     )
 
 
@@ -223,7 +225,7 @@ def event_branch_candidates(layout: InputLayout, text: str) -> tuple[str, ...]:
     parts, _ = parse_event_path(text)
     if layout.format == "physlite" and len(parts) > 1:
         head, rest = parts[0], ".".join(parts[1:])
-        return tuple(f"{s}{aux}.{rest}" for s in (head, f"Analysis{head}") for aux in ("AuxDyn", "Aux"))
+        return _physlite_branches(head, rest)
     return (".".join(parts),) if len(parts) == 1 else ("_".join(parts), ".".join(parts))
 
 
