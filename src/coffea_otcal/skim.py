@@ -1,4 +1,7 @@
-"""``coffea-otcal apply``: calibrate NanoAOD files with a bundle and write skims atomically.
+"""``coffea-otcal apply``: calibrate ROOT files with a bundle and write skims atomically.
+
+NanoAOD by default; ATLAS PHYSLITE and flat analysis ntuples with ``--input`` (and
+``--btagging``, ``--field``; :mod:`coffea_otcal.input_layout`).
 
 ``coffea-otcal apply BUNDLE FILES... -o OUT`` runs
 :class:`coffea_otcal.processors.calibration.CalibrationProcessor` over the files in chunks
@@ -402,7 +405,7 @@ def run_skim(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``apply`` options."""
     parser.add_argument("bundle", help="bundle file (.json or .json.gz)")
-    parser.add_argument("files", nargs="+", help="NanoAOD ROOT files")
+    parser.add_argument("files", nargs="+", help="ROOT files (NanoAOD, or see --input)")
     parser.add_argument("-o", "--output", required=True, help="skim folder to create")
     parser.add_argument("--format", dest="fmt", choices=["parquet", "root"], default="parquet")
     parser.add_argument(
