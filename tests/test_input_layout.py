@@ -229,6 +229,10 @@ def test_layout_errors_name_what_is_missing(files, tmp_path) -> None:
     )
     with pytest.raises(LayoutError, match="not a field path"):
         read_event_path(events, "EventInfo..w", "x")
+    with pytest.raises(LayoutError, match=r"one number per event in x; drop the index \[0\]"):
+        read_event_path(events, "nJets[0]", "x")
+    with pytest.raises(LayoutError, match="is not one number per event"):
+        read_event_path(events, "EventInfo.mcEventWeights", "x")
     # the b-tagging link of a file that has none
     with pytest.raises(LayoutError, match=r"container .BTagging_AntiKt4EMPFlow. \(input.btagging.collection\) is missing"):
         layout_jets(events, InputLayout(format="physlite", btagging={}), "Jets", ["GN2v01_pb"],

@@ -206,7 +206,6 @@ def link_branch_candidates(layout: InputLayout, collection: str) -> tuple[str, .
     )
 
 
-
 def parse_event_path(text: str) -> tuple[tuple[str, ...], int | None]:
     """``"EventInfo.mcEventWeights[0]"`` -> ``(("EventInfo", "mcEventWeights"), 0)``."""
     match = _PATH.match(text.strip())
@@ -246,6 +245,9 @@ def read_event_path(events: Any, text: str, where: str) -> np.ndarray:
             raise LayoutError(msg)
         value = value[part]
     if index is not None:
+        if getattr(value, "ndim", 1) < 2:
+            msg = f"event field {text!r}: {'.'.join(parts)} is one number per event in {where}; drop the index [{index}]"
+            raise LayoutError(msg)
         counts = np.asarray(ak.to_numpy(ak.num(value, axis=1)))
         short = np.flatnonzero(counts <= index)
         if short.size:
