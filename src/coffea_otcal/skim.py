@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 from coffea_otcal.applier import Calibrator
 from coffea_otcal.bundle import WriterInfo
-from coffea_otcal.input_layout import BTaggingLink, InputLayout
+from coffea_otcal.input_layout import BTaggingLink, InputLayout, stored_jet_fields
 from coffea_otcal.processors.calibration import DEFAULT_JET_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -83,16 +83,6 @@ def _spellings(
 
 def _has_any(branches: set[str], names: Sequence[str]) -> bool:
     return any(n in branches for n in names)
-
-
-def _stored_fields(names: Sequence[str], collection: str, layout: InputLayout | None) -> list[str]:
-    """The jet fields a file stores, in file order."""
-    if layout is None:
-        prefix = f"{collection}_"
-        return [b[len(prefix) :] for b in names if b.startswith(prefix)]
-    from coffea_otcal.input_layout import stored_jet_fields
-
-    return stored_jet_fields(names, layout, collection)
 
 
 def _per_jet_number(branch: Any) -> bool:
@@ -138,7 +128,7 @@ def _check_inputs(
             # PHYSLITE and flat ntuples mix per-jet numbers with links, nested vectors and
             # per-event scalars under the same prefix: "all" keeps the per-jet numbers
             keepable = names if layout is None else [n for n in names if _per_jet_number(tree[n])]
-        stored = _stored_fields(keepable, collection, layout)
+        stored = stored_jet_fields(keepable, layout or InputLayout(), collection)
         tagger = set(calibrator.adapter.columns)
         spell = {
             f: _spellings(f, f in tagger, collection, layout)
