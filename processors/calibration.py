@@ -81,6 +81,30 @@ def _detect_is_data(
     return calibrator.flavour_column not in jets.fields
 
 
+def _chunk_name(events: Any) -> str:
+    """``events of 'FILE'`` for error messages."""
+    metadata = dict(getattr(events, "metadata", None) or {})
+    return f"events of {metadata.get('filename', 'this chunk')!r}"
+
+
+def _layout_is_data(
+    events: Any,
+    layout: InputLayout,
+    collection: str,
+    calibrator: Calibrator,
+    data_datasets: Sequence[str] = (),
+) -> bool:
+    """:func:`_detect_is_data` for a layout: dataset list, metadata, else no flavour field."""
+    from coffea_otcal.input_layout import available_jet_fields
+
+    metadata = getattr(events, "metadata", None) or {}
+    if data_datasets and metadata.get("dataset") in data_datasets:
+        return True
+    if "is_data" in metadata:
+        return bool(metadata["is_data"])
+    return calibrator.flavour_column not in available_jet_fields(events, layout, collection)
+
+
 def add_calibrated_columns(
     events: Any,
     bundle_or_calibrator: Bundle | Calibrator | str | os.PathLike[str],
@@ -132,19 +156,12 @@ def add_calibrated_columns(
 
     layout = layout if isinstance(layout, InputLayout) else InputLayout.model_validate(layout)
     collection = collection or default_collection(layout)
-    where = f"events of {dict(getattr(events, 'metadata', None) or {}).get('filename', 'this chunk')!r}"
     if is_data is None:
-        metadata = getattr(events, "metadata", None) or {}
-        if "is_data" in metadata:
-            is_data = bool(metadata["is_data"])
-        else:
-            flavour = layout.file_field(calibrator.flavour_column)
-            if layout.format == "flat":
-                is_data = f"{collection}_{flavour}" not in events.fields
-            else:
-                is_data = collection not in events.fields or flavour not in events[collection].fields
+        is_data = _layout_is_data(events, layout, collection, calibrator)
     needed = calibrator.data_columns if is_data else calibrator.input_columns
-    jets = layout_jets(events, layout, collection, needed, where, calibrator.adapter.columns)
+    jets = layout_jets(
+        events, layout, collection, needed, _chunk_name(events), calibrator.adapter.columns
+    )
     out = calibrator.calibrate_jets(jets, is_data=is_data, variations=variations)
 
     def put(field: str, values: Any) -> None:
@@ -290,8 +307,7 @@ def skim_columns(
         require_fields(sorted(available), needed)
     wanted = [f for f in dict.fromkeys([*base, *needed]) if f in available]
     if layout is not None:
-        where = f"events of {dict(getattr(events, 'metadata', None) or {}).get('filename', 'this chunk')!r}"
-        jets = layout_jets(events, layout, collection, wanted, where, tagger_columns)
+        jets = layout_jets(events, layout, collection, wanted, _chunk_name(events), tagger_columns)
     flat = {f: ak.to_numpy(ak.flatten(ak.without_parameters(jets[f]), axis=1)) for f in wanted}
     fields: dict[str, Any] = {f: flat[f] for f in base if f in flat}
     flags = None
@@ -524,17 +540,11 @@ class CalibrationProcessor(ProcessorABC):
         from coffea_otcal.input_layout import layout_jets
 
         assert self.layout is not None
-        metadata = dict(getattr(events, "metadata", None) or {})
         is_data = self.is_data
-        if is_data is None and self.data_datasets and metadata.get("dataset") in self.data_datasets:
-            is_data = True
-        if is_data is None and "is_data" in metadata:
-            is_data = bool(metadata["is_data"])
         if is_data is None:
-            from coffea_otcal.input_layout import available_jet_fields
-
-            fields = available_jet_fields(events, self.layout, self.collection)
-            is_data = self.calibrator.flavour_column not in fields
+            is_data = _layout_is_data(
+                events, self.layout, self.collection, self.calibrator, self.data_datasets
+            )
         counts: dict[str, Any] = {"events": len(events)}
         if self.inner is None and self.output_dir is not None:
             return self._skim(events, None, is_data, counts)
@@ -557,9 +567,10 @@ class CalibrationProcessor(ProcessorABC):
             counts["clamped"] = flags.pop("clamped")
             counts["status"] = flags
         else:
-            where = f"events of {metadata.get('filename', 'this chunk')!r}"
             tagger = self.calibrator.columns
-            jets = layout_jets(events, self.layout, self.collection, tagger[:1], where, tagger)
+            jets = layout_jets(
+                events, self.layout, self.collection, tagger[:1], _chunk_name(events), tagger
+            )
             counts["jets"] = int(ak.sum(ak.num(jets)))
         counts["parts"], counts["bytes"] = [], 0
         assert self.inner is not None
