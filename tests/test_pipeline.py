@@ -46,6 +46,7 @@ def _tiny(raw: dict[str, Any]) -> dict[str, Any]:
     """Shrink every training of a dumped pipeline configuration to seconds."""
     raw = json.loads(json.dumps(raw))
     raw["em"].update(max_iterations=2, min_iterations=1, m_steps=5)
+    raw["em"]["final_fit"] = {"steps": 20, "bins": 8}
     raw["em"]["flow"].update(
         pretrain_steps=20, hidden_features=[16], transforms=1, bins=6, batch_size=256
     )
@@ -234,12 +235,21 @@ def test_end_to_end_outputs(finished: PipelineResult, capsys: pytest.CaptureFixt
     )
     assert set(report["per_flavour_truth"]) == {"b", "c", "light"}
     assert set(report["per_flavour_truth"]["b"]) == {"D_bc", "D_cl", "D_hfl"}
+    # the true distribution of the validation region (a fresh 3 x 1500-jet pseudo-data sample)
+    vr = report["regions"]["vr"]
+    assert vr["n_truth"] == 4500
+    assert report["regions"]["cr_b"]["truth_band_coverage"] is None
+    t_in = [sum(h["truth"][key][0] for h in hists.values()) for key in ("band_coverage", "band_coverage_90")]
+    t_used = sum(h["truth"]["band_coverage"][1] for h in hists.values())
+    assert summary["truth_band_coverage"] == pytest.approx([t_in[0] / t_used, t_in[1] / t_used])
+    assert 0.0 < summary["truth_band_coverage"][0] <= summary["truth_band_coverage"][1] <= 1.0
     assert finished.stages["closure"].summary["auc_after"] == summary["auc_after"]
 
     md = finished.report.read_text()
     assert "classifier AUC" in md
     assert "| vr | validation |" in md
     assert "Per flavour" in md
+    assert "true data distribution (a fresh pseudo-data sample" in md
     index = finished.report.parent / "plots" / "index.md"
     listed = [
         line.split("(")[1].rstrip(")")
@@ -263,7 +273,10 @@ def test_end_to_end_outputs(finished: PipelineResult, capsys: pytest.CaptureFixt
     from coffea_otcal.run_cli import _print_result
 
     _print_result(finished)
-    assert f"data vs mixture {summary['mixture_max']:.2f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"data vs mixture {summary['mixture_max']:.2f}" in printed
+    truth = finished.stages["closure"].summary["truth_band_coverage"]
+    assert f"true distribution inside the band (+) stat: {100 * truth[0]:.0f} % at one sigma" in printed
 
 
 # ----------------------------------------------------------------------------- caching

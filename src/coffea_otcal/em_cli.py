@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "n_iterations": result.n_iterations,
         "elapsed_s": result.elapsed_s,
         "trace": result.trace,
+        "final_fit": result.final_fit,
         "diagnostics": diagnostics.to_dict(),
         "fit_quality": quality.to_dict(),
         "variations": [v.model_dump() for v in variations],

@@ -97,6 +97,8 @@ class EMResult:
     seed: int = 0
     elapsed_s: float = 0.0
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    #: the final fit of the flows on the frozen responsibilities (``em.final_fit``), or None
+    final_fit: dict[str, Any] | None = None
 
     @property
     def fractions(self) -> np.ndarray:
@@ -176,6 +178,7 @@ class EMResult:
             "seed": self.seed,
             "elapsed_s": self.elapsed_s,
             "restarts": self.restarts,
+            "final_fit": self.final_fit,
         }
         arrays["meta"] = np.array(json.dumps(meta))
         atomic_savez(path, arrays)
@@ -200,7 +203,10 @@ class EMResult:
         from coffea_otcal.em import EMConfig
 
         config = EMConfig.model_validate(meta["config"])
-        flows = FlavourFlows(meta["n_features"], meta["n_context"], meta["classes"], config.flow)
+        final = meta.get("final_fit")
+        flow_config = config.flow if not final else config.flow.model_copy(
+            update={"bins": int(final["bins_used"])})
+        flows = FlavourFlows(meta["n_features"], meta["n_context"], meta["classes"], flow_config)
         flow_state = {k[5:]: v for k, v in arrays.items() if k.startswith("flow/")}
         flows.load_state_dict(state_from_numpy(flow_state))
         data = {}
@@ -227,6 +233,7 @@ class EMResult:
             seed=meta["seed"],
             elapsed_s=meta["elapsed_s"],
             restarts=meta.get("restarts", []),
+            final_fit=final,
         )
 
 

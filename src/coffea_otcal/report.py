@@ -237,6 +237,9 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
                                       region, mc.flavour, mc.weight)
         hists: dict[str, Any] = {}
         inside = used = inside90 = 0
+        # known truth (the demo): a fresh sample of the region's true data response
+        truth_probs = (truth or {}).get("validation", {}).get(region) if is_vr else None
+        t_inside = t_used = t_inside90 = 0
         for name in DISCRIMINANTS:
             for k in cc.kappas:
                 key = f"{name}(k={k:g})"
@@ -251,6 +254,13 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
                 i, u = band_coverage(hd, ha, hv)
                 i90, _ = band_coverage(hd, ha, hv, z=COVERAGE_90_Z)
                 inside, used, inside90 = inside + i, used + u, inside90 + i90
+                truth_cov = None
+                if truth_probs is not None:
+                    ht = _hist(discriminant_values(truth_probs, name, k), np.ones(len(truth_probs)), cc.bins)
+                    ti, tu = band_coverage(ht, ha, hv)
+                    ti90, _ = band_coverage(ht, ha, hv, z=COVERAGE_90_Z)
+                    t_inside, t_used, t_inside90 = t_inside + ti, t_used + tu, t_inside90 + ti90
+                    truth_cov = {"band_coverage": [ti, tu], "band_coverage_90": [ti90, tu]}
                 hists[key] = {
                     "before": shape_chi2(*hb, *hd).to_dict(),
                     "after": shape_chi2(*ha, *hd).to_dict(),
@@ -260,6 +270,7 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
                     "after_em_fractions": shape_chi2(*hp, *hd).to_dict() if hp is not None else None,
                     "band_coverage": [i, u],
                     "band_coverage_90": [i90, u],
+                    "truth": truth_cov,
                 }
                 if is_vr or (cc.plot_control_regions and k == 1.0):
                     var_probs = {n: calibrated[n] for n in calibrated if n != "nominal"}
@@ -299,6 +310,9 @@ def run_closure_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, S
             } if postfit is not None else None,
             "band_coverage": inside / used if used else float("nan"),
             "band_coverage_90": inside90 / used if used else float("nan"),
+            # the true distribution (a fresh sample) inside the band (+) MC and truth stat
+            "truth_band_coverage": [t_inside / t_used, t_inside90 / t_used] if t_used else None,
+            "n_truth": None if truth_probs is None else len(truth_probs),
             "classifier_auc": auc,
             "mean_aitchison_displacement": mean_aitchison_displacement(mc.probs, nominal, mc.weight),
             "rho": {"ot": 1.0, "baseline": rho_base if ratios else None},
@@ -371,6 +385,8 @@ def _summary(config: PipelineConfig, regions: Mapping[str, Any], per_flavour: An
         "min_p_value_after": float(np.min([h["p_value"] for h in hist_after])),
         "band_coverage": float(np.mean([r["band_coverage"] for r in vr])),
         "band_coverage_90": float(np.mean([r["band_coverage_90"] for r in vr])),
+        "truth_band_coverage": ([float(np.mean([r["truth_band_coverage"][i] for r in vr])) for i in (0, 1)]
+                                if all(r.get("truth_band_coverage") for r in vr) else None),
         "rho_baseline": float(np.mean([r["rho"]["baseline"] for r in vr])) if hist_base else None,
         "mean_aitchison_displacement": float(np.mean([r["mean_aitchison_displacement"] for r in vr])),
         "stage_seconds": {k: round(v.seconds, 1) for k, v in results.items()},
@@ -389,6 +405,14 @@ def _fit_quality_line(quality: Mapping[str, Any] | None) -> str:
         f"{quality['component_max']:.2f}, {quality['warnings']} above 2 (blind to the "
         "fractions' flat direction, which the variation band covers)"
     )
+
+
+def _truth_coverage_line(coverage: Sequence[float] | None) -> str:
+    if not coverage:
+        return "- the true data distribution is not known here (only the demo generates it)"
+    return (f"- bins with the true data distribution (a fresh pseudo-data sample, its statistical "
+            f"error included) inside the calibrated MC's one-sigma uncertainty: "
+            f"{100 * coverage[0]:.1f} %; inside its 90 % interval: {100 * coverage[1]:.1f} %")
 
 
 def _markdown(summary: Mapping[str, Any], regions: Mapping[str, Any], per_flavour: Any) -> str:
@@ -412,6 +436,7 @@ def _markdown(summary: Mapping[str, Any], regions: Mapping[str, Any], per_flavou
         f"- bins with the data inside the calibrated MC's one-sigma uncertainty (variation band "
         f"(+) stat; 68 % for honest errors): {100 * summary['band_coverage']:.1f} %; inside its 90 % "
         f"interval: {100 * summary['band_coverage_90']:.1f} %",
+        _truth_coverage_line(summary.get("truth_band_coverage")),
         f"- mean Aitchison displacement of the MC jets: {f(summary['mean_aitchison_displacement'])}",
         f"- stage wall times [s]: {summary['stage_seconds']}",
         _fit_quality_line(summary.get("em_fit_quality")),

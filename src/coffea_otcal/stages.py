@@ -163,6 +163,10 @@ def run_em_stage(config: PipelineConfig, tmp: Path, results: Mapping[str, StageR
                         "component_max": round(float(quality.component.max()), 3),
                         "warnings": len(quality.warnings)},
         "seconds_fit": float(result.elapsed_s),
+        # em.final_fit: the flows refitted on the frozen responsibilities (NLL of eq. 23)
+        "final_fit": None if result.final_fit is None else {
+            k: round(float(result.final_fit[k]), 5)
+            for k in ("bins_used", "steps", "nll_before", "nll_after", "seconds")},
         "restarts": [{k: r[k] for k in ("restart", "seed", "objective", "selected")}
                      | {"fractions": np.round(r["fractions"], 4).tolist()}
                      for r in result.restarts],
