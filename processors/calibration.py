@@ -34,7 +34,7 @@ __all__ = [
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +70,7 @@ def _as_calibrator(bundle: Bundle | Calibrator | str | os.PathLike[str]) -> Cali
 
 
 def _detect_is_data(
-    events: Any, jets: Any, calibrator: Calibrator, data_datasets: Sequence[str] = ()
+    events: Any, jet_fields: Collection[str], calibrator: Calibrator, data_datasets: Sequence[str] = ()
 ) -> bool:
     """Decide data/MC: listed dataset, else ``metadata["is_data"]``, else no flavour field."""
     metadata = getattr(events, "metadata", None) or {}
@@ -78,7 +78,7 @@ def _detect_is_data(
         return True
     if "is_data" in metadata:
         return bool(metadata["is_data"])
-    return calibrator.flavour_column not in jets.fields
+    return calibrator.flavour_column not in jet_fields
 
 
 def _chunk_name(events: Any) -> str:
@@ -94,15 +94,11 @@ def _layout_is_data(
     calibrator: Calibrator,
     data_datasets: Sequence[str] = (),
 ) -> bool:
-    """:func:`_detect_is_data` for a layout: dataset list, metadata, else no flavour field."""
+    """:func:`_detect_is_data` with the jet fields a layout provides (linked containers too)."""
     from coffea_otcal.input_layout import available_jet_fields
 
-    metadata = getattr(events, "metadata", None) or {}
-    if data_datasets and metadata.get("dataset") in data_datasets:
-        return True
-    if "is_data" in metadata:
-        return bool(metadata["is_data"])
-    return calibrator.flavour_column not in available_jet_fields(events, layout, collection)
+    return _detect_is_data(events, available_jet_fields(events, layout, collection), calibrator,
+                           data_datasets)
 
 
 def add_calibrated_columns(
@@ -143,7 +139,7 @@ def add_calibrated_columns(
         collection = collection or "Jet"
         jets = events[collection]
         if is_data is None:
-            is_data = _detect_is_data(events, jets, calibrator)
+            is_data = _detect_is_data(events, jets.fields, calibrator)
         out = calibrator.calibrate_jets(jets, is_data=is_data, variations=variations)
         originals = {c: jets[c] for c in calibrator.columns} if replace_nominal else {}
         for field in out.fields:
@@ -496,7 +492,7 @@ class CalibrationProcessor(ProcessorABC):
         jets = events[self.collection]
         is_data = self.is_data
         if is_data is None:
-            is_data = _detect_is_data(events, jets, self.calibrator, self.data_datasets)
+            is_data = _detect_is_data(events, jets.fields, self.calibrator, self.data_datasets)
         counts: dict[str, Any] = {"events": len(events), "jets": int(ak.sum(ak.num(jets)))}
         if self.inner is None and self.output_dir is not None:
             return self._skim(events, jets, is_data, counts)
